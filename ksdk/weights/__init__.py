@@ -1,0 +1,1 @@
+"""ksdk.weights."""
