@@ -30,6 +30,7 @@ __all__ = [
     "NativeExtensionError",
     "RequestAbortedError",
     "SamplingParamError",
+    "SamplingParams",
     "StreamEvent",
     "TokenLogprob",
     "UnsupportedModelError",
