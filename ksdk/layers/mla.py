@@ -1,0 +1,109 @@
+"""Multi-head Latent Attention over a paged latent cache (DESIGN.md §5).
+
+The cache holds only [c_kv | k_pe] (kv_lora_rank + rope_dim values) per token per layer. Prefill expands
+the context's latents into per-head keys and values (the naive form); decode uses the absorbed form:
+q_nope·W_kb scores a 512-vector against c_kv directly and W_vb maps the weighted c_kv back out.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ksdk.layers.attention_metadata import AttentionMetadata
+from ksdk.layers.linear import Linear
+from ksdk.layers.norm import RMSNorm
+from ksdk.layers.rotary import RotaryEmbedding
+from ksdk.models.config import ModelConfig
+
+__all__ = ["MLAttention"]
+
+
+class MLAttention(torch.nn.Module):
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        q_proj: Linear | None,  # no q low-rank path (V2-Lite)
+        q_a: Linear | None,
+        q_a_norm: RMSNorm | None,
+        q_b: Linear | None,
+        kv_a: Linear,
+        kv_a_norm: RMSNorm,
+        w_kb: torch.Tensor,  # [heads, qk_nope, kv_lora_rank]
+        w_vb: torch.Tensor,  # [heads, v_head, kv_lora_rank]
+        o_proj: Linear,
+    ) -> None:
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.nope, self.rope_dim = config.qk_nope_head_dim, config.qk_rope_head_dim
+        self.rank, self.v_dim = config.kv_lora_rank, config.v_head_dim
+        self.scale = config.softmax_scale
+        self.q_proj, self.q_a, self.q_a_norm, self.q_b = q_proj, q_a, q_a_norm, q_b
+        self.kv_a, self.kv_a_norm, self.o_proj = kv_a, kv_a_norm, o_proj
+        self.register_buffer("w_kb", w_kb, persistent=False)
+        self.register_buffer("w_vb", w_vb, persistent=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [T, hidden]
+        cos: torch.Tensor,  # [T, rope/2]
+        sin: torch.Tensor,
+        meta: AttentionMetadata,
+        kv_pages: torch.Tensor,  # [num_pages, page_size, rank + rope]
+    ) -> torch.Tensor:
+        T = x.shape[0]
+        q = self.q_proj(x) if self.q_proj is not None else self.q_b(self.q_a_norm(self.q_a(x)))
+        q = q.view(T, self.num_heads, self.nope + self.rope_dim)
+        q_nope, q_pe = q.split([self.nope, self.rope_dim], dim=-1)  # [T, H, nope], [T, H, rope]
+        q_pe = RotaryEmbedding.apply(q_pe, cos, sin)
+
+        kv = self.kv_a(x)  # [T, rank + rope]
+        c_kv = self.kv_a_norm(kv[:, : self.rank])
+        k_pe = RotaryEmbedding.apply(kv[:, self.rank :], cos, sin)
+        latent = torch.cat((c_kv, k_pe), dim=-1)  # [T, rank + rope]
+        kv_pages.view(-1, latent.shape[-1])[meta.slot_mapping] = latent.to(kv_pages.dtype)
+
+        if meta.is_decode:
+            out = self._decode(q_nope, q_pe, meta, kv_pages)
+        else:
+            out = self._prefill(q_nope, q_pe, meta, kv_pages)
+        return self.o_proj(out.reshape(T, self.num_heads * self.v_dim).to(x.dtype))
+
+    def _gather(self, kv_pages: torch.Tensor, page_table: torch.Tensor, length: int) -> torch.Tensor:
+        """[B, max_pages] page ids -> [B, length, rank + rope] latents, in fp32."""
+        num_pages = -(-length // kv_pages.shape[1])
+        pages = kv_pages[page_table[:, :num_pages].long()]  # [B, num_pages, page_size, D]
+        return pages.flatten(1, 2)[:, :length].float()
+
+    def _decode(self, q_nope: torch.Tensor, q_pe: torch.Tensor, meta: AttentionMetadata,
+                kv_pages: torch.Tensor) -> torch.Tensor:
+        """Absorbed form, one new token per sequence: q_nope [B, H, nope] -> [B, H, v]."""
+        max_len = max(meta.seq_lens_host)
+        latent = self._gather(kv_pages, meta.page_table, max_len)  # [B, S, rank + rope]
+        c_kv, k_pe = latent[..., : self.rank], latent[..., self.rank :]
+        q_lat = torch.einsum("bhn,hnr->bhr", q_nope.float(), self.w_kb.float())  # [B, H, rank]
+        scores = torch.einsum("bhr,bsr->bhs", q_lat, c_kv) + torch.einsum("bhp,bsp->bhs", q_pe.float(), k_pe)
+        pad = torch.arange(max_len, device=scores.device)[None, :] >= meta.seq_lens[:, None]  # [B, S]
+        probs = (scores * self.scale).masked_fill(pad[:, None, :], float("-inf")).softmax(dim=-1)
+        o_lat = torch.einsum("bhs,bsr->bhr", probs, c_kv)  # [B, H, rank]
+        return torch.einsum("bhr,hvr->bhv", o_lat, self.w_vb.float())
+
+    def _prefill(self, q_nope: torch.Tensor, q_pe: torch.Tensor, meta: AttentionMetadata,
+                 kv_pages: torch.Tensor) -> torch.Tensor:
+        """Naive form per sequence: expand the context's latents to per-head k and v."""
+        out = q_nope.new_empty(q_nope.shape[0], self.num_heads, self.v_dim, dtype=torch.float32)
+        start = 0
+        for i, (q_len, seq_len) in enumerate(zip(meta.query_lens_host, meta.seq_lens_host)):
+            latent = self._gather(kv_pages, meta.page_table[i : i + 1], seq_len)[0]  # [S, rank + rope]
+            c_kv, k_pe = latent[:, : self.rank], latent[:, self.rank :]
+            k_nope = torch.einsum("sr,hnr->hsn", c_kv, self.w_kb.float())  # [H, S, nope]
+            v = torch.einsum("sr,hvr->hsv", c_kv, self.w_vb.float())  # [H, S, v]
+            qn = q_nope[start : start + q_len].float().transpose(0, 1)  # [H, Q, nope]
+            qp = q_pe[start : start + q_len].float().transpose(0, 1)  # [H, Q, rope]
+            scores = qn @ k_nope.transpose(1, 2) + qp @ k_pe.T  # [H, Q, S]
+            query_pos = torch.arange(seq_len - q_len, seq_len, device=scores.device)
+            future = torch.arange(seq_len, device=scores.device)[None, :] > query_pos[:, None]  # [Q, S]
+            probs = (scores * self.scale).masked_fill(future, float("-inf")).softmax(dim=-1)
+            out[start : start + q_len] = (probs @ v).transpose(0, 1)
+            start += q_len
+        return out

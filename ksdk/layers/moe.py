@@ -1,0 +1,113 @@
+"""Mixture of experts: router, shared experts, and the routed experts' dispatch.
+
+Routed experts stay in their GGUF form (memmapped): the torch path dequantizes only the experts a batch
+touches (with a small cache); the native path (ksdk.offload) computes on the quantized blocks directly.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+
+from ksdk.layers.linear import MLP
+from ksdk.models.config import ModelConfig
+
+if TYPE_CHECKING:
+    from ksdk.weights.gguf_file import TensorView
+
+__all__ = ["MoE", "Router", "RoutedExperts", "TorchExperts"]
+
+
+class Router(torch.nn.Module):
+    """Top-k expert choice. V3/R1: sigmoid scores chosen with a bias, group-limited by each group's top-2
+    sum. V2: softmax scores, greedy or group-limited by each group's best score."""
+
+    def __init__(self, config: ModelConfig, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.num_groups, self.topk_groups = config.num_groups, config.topk_groups
+        self.gating = config.gating
+        self.norm_topk_prob = config.norm_topk_prob
+        self.scaling = config.routed_scaling_factor
+        self.register_buffer("weight", weight.float(), persistent=False)  # [E, hidden]
+        self.register_buffer("bias", None if bias is None else bias.float(), persistent=False)  # [E]
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, hidden] -> (expert ids [T, k] int64, weights [T, k] fp32)."""
+        logits = torch.nn.functional.linear(x.float(), self.weight)  # [T, E]
+        scores = logits.sigmoid() if self.gating == "sigmoid" else logits.softmax(dim=-1)
+        choice = scores if self.bias is None else scores + self.bias
+        if self.num_groups > 1 and self.topk_groups < self.num_groups:
+            grouped = choice.view(x.shape[0], self.num_groups, -1)  # [T, G, E/G]
+            if self.gating == "sigmoid":
+                group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+            else:
+                group_scores = grouped.max(dim=-1).values
+            keep = torch.zeros_like(group_scores, dtype=torch.bool)
+            keep.scatter_(1, group_scores.topk(self.topk_groups, dim=-1, sorted=False).indices, True)
+            fill = float("-inf") if self.gating == "sigmoid" else 0.0
+            choice = grouped.masked_fill(~keep[..., None], fill).view_as(choice)
+        ids = choice.topk(self.top_k, dim=-1, sorted=False).indices  # [T, k]
+        weights = scores.gather(1, ids)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return ids, weights * self.scaling
+
+
+class RoutedExperts(Protocol):
+    """Σ_k w[t,k] · expert_{ids[t,k]}(x[t]) for every token t."""
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor: ...
+
+
+class TorchExperts:
+    """Routed experts in plain torch: dequantize the touched experts (an LRU cache keeps recent ones)."""
+
+    def __init__(self, gate: TensorView, up: TensorView, down: TensorView, device: torch.device,
+                 dtype: torch.dtype, cache_bytes: int = 256 << 20) -> None:
+        self.gate, self.up, self.down = gate, up, down
+        self.device, self.dtype = device, dtype
+        expert_bytes = 3 * gate.shape[1] * gate.shape[2] * torch.finfo(dtype).bits // 8
+        self.cache_size = max(1, cache_bytes // expert_bytes)
+        self._cache: collections.OrderedDict[int, tuple[torch.Tensor, ...]] = collections.OrderedDict()
+
+    def _expert(self, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if e in self._cache:
+            self._cache.move_to_end(e)
+            return self._cache[e]  # type: ignore[return-value]
+        w = tuple(v[e].dequantize(torch.float32).to(self.device, self.dtype) for v in (self.gate, self.up, self.down))
+        self._cache[e] = w
+        if len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return w  # type: ignore[return-value]
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(x)
+        flat_ids = ids.flatten()
+        order = flat_ids.argsort(stable=True)  # (token, slot) pairs grouped by expert
+        experts, counts = flat_ids[order].unique_consecutive(return_counts=True)
+        flat_weights = weights.flatten()
+        for e, pairs in zip(experts.tolist(), order.split(counts.tolist())):
+            gate, up, down = self._expert(e)
+            rows = pairs // ids.shape[1]
+            h = x[rows]
+            y = torch.nn.functional.silu(h @ gate.T) * (h @ up.T)
+            out.index_add_(0, rows, (y @ down.T) * flat_weights[pairs, None].to(x.dtype))
+        return out
+
+
+class MoE(torch.nn.Module):
+    """Output = Σ w·expert(x) + shared(x)."""
+
+    def __init__(self, router: Router, experts: RoutedExperts, shared: MLP | None) -> None:
+        super().__init__()
+        self.router, self.experts, self.shared = router, experts, shared
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids, weights = self.router(x)
+        out = self.experts.forward(x, ids, weights).to(x.dtype)
+        if self.shared is not None:
+            out = out + self.shared(x)
+        return out
