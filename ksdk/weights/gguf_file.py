@@ -139,7 +139,7 @@ class _CheckedReader(GGUFReader):
 def _open_reader(path: Path) -> GGUFReader:
     _check_magic(path)
     try:
-        return _CheckedReader(path)
+        reader = _CheckedReader(path)
     except OSError as exc:
         raise ModelFileError(f"cannot read model file {path}: {exc.strerror or exc}") from exc
     except (ValueError, IndexError, KeyError, TypeError, OverflowError) as exc:
@@ -149,6 +149,10 @@ def _open_reader(path: Path) -> GGUFReader:
             f"{path} is a truncated or corrupt GGUF file: its header (metadata or tensor table) "
             f"could not be read from its {size} bytes ({type(exc).__name__}: {exc})"
         ) from exc
+    if reader.byte_order != "I":
+        # tensor bytes would need swapping; every decoder here reads little-endian blocks
+        raise UnsupportedModelError(f"{path} is a big-endian GGUF file; ksdk reads little-endian files only")
+    return reader
 
 
 class _Metadata(Mapping[str, Any]):

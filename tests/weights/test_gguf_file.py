@@ -192,6 +192,18 @@ def test_tensor_data_cut_short(model_file: Path) -> None:
         GGUFFile.open(model_file)
 
 
+def test_big_endian_file_is_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "be.gguf"
+    writer = gguf.GGUFWriter(path, "deepseek2", endianess=gguf.GGUFEndian.BIG)
+    writer.add_tensor("output_norm.weight", NORM.byteswap())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(UnsupportedModelError, match=r"be\.gguf is a big-endian GGUF file"):
+        GGUFFile.open(path)
+
+
 def test_missing_split_part_is_named(split_set: list[Path]) -> None:
     split_set[1].unlink()
     with pytest.raises(ModelFileError, match=r"split GGUF part .*tiny-00002-of-00002\.gguf is missing"):
