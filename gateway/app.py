@@ -62,10 +62,18 @@ class GatewayState:
             raise APIError(503, f"the engine is not running (state {self.engine_state})",
                            type="service_unavailable", code="engine_not_ready")
 
-    def start_in_background(self) -> None:
-        """Begin a lazy start without waiting for it (``/health`` answers 503 meanwhile)."""
+    async def begin_start(self) -> None:
+        """Begin a lazy start without waiting for it, so ``/health`` can answer 503 meanwhile.
+
+        Under asyncio the start runs as a task; under another event loop (trio) it is awaited here.
+        """
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            await self._start_quietly()
+            return
         if self._start_task is None or self._start_task.done():
-            self._start_task = asyncio.get_running_loop().create_task(self._start_quietly())
+            self._start_task = loop.create_task(self._start_quietly())
 
     async def _start_quietly(self) -> None:
         try:

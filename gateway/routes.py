@@ -113,7 +113,9 @@ async def health(request: Request) -> Response:
     if engine_state == "RUNNING":
         return JSONResponse({"status": "ok", "model": state.model_id})
     if engine_state == "CREATED":
-        state.start_in_background()
+        await state.begin_start()
+        if state.engine_state == "RUNNING":  # it started right away
+            return JSONResponse({"status": "ok", "model": state.model_id})
         return JSONResponse({"status": "starting", "model": state.model_id}, status_code=503)
     return JSONResponse({"status": engine_state.lower(), "model": state.model_id}, status_code=503)
 
