@@ -1,1 +1,6 @@
-"""ksdk.offload."""
+"""Routed experts on the CPU: native kernels on GGUF blocks (``ksdk._native``)."""
+
+from ksdk.offload.cpu_experts import CPUExperts, default_num_threads
+from ksdk.offload.native import load_native
+
+__all__ = ["CPUExperts", "default_num_threads", "load_native"]

@@ -1,0 +1,48 @@
+"""Type stub of the private native extension (built from native/ by setup.py)."""
+
+from typing import Any
+
+def cpu_features() -> dict[str, bool]:
+    """Which kernel families this CPU can run: avx2, avx512vnni, amx_int8."""
+
+def read_bandwidth(num_bytes: int, num_threads: int, repeats: int = 3) -> float:
+    """Best-of-repeats multi-threaded read bandwidth over a num_bytes buffer, in GB/s."""
+
+def lock_memory(buffer: Any) -> None:
+    """mlock() the buffer's pages; ValueError naming RLIMIT_MEMLOCK when the OS refuses."""
+
+class MoeRunner:
+    def __init__(
+        self,
+        gate: Any,
+        up: Any,
+        down: Any,
+        gate_type: int,
+        up_type: int,
+        down_type: int,
+        n_expert: int,
+        hidden: int,
+        intermediate: int,
+        num_threads: int,
+        isa: str = "auto",
+    ) -> None: ...
+    def submit(
+        self,
+        x: int,
+        x_bf16: bool,
+        topk_ids: int,
+        ids_int64: bool,
+        topk_weights: int,
+        out: int,
+        num_tokens: int,
+        top_k: int,
+    ) -> None:
+        """Start one call on data pointers (GIL released); returns before the result is ready."""
+    def wait(self) -> None:
+        """Block (GIL released) until the submitted call has finished."""
+    @property
+    def pending(self) -> bool: ...
+    @property
+    def isa(self) -> str: ...
+    @property
+    def num_threads(self) -> int: ...

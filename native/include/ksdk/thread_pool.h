@@ -1,0 +1,48 @@
+// A persistent pool of worker threads for the expert kernels.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace ksdk {
+
+// All workers run the same job fn(worker_index) at once; phases inside a job sync with barrier().
+// Wake-up latency is low: idle workers spin for spin_us before sleeping on a condition variable, so
+// back-to-back layers never pay a futex wake.
+class ThreadPool {
+ public:
+  explicit ThreadPool(int num_threads, int spin_us = 200);
+  ~ThreadPool();
+  ThreadPool(const ThreadPool&) = delete;
+  ThreadPool& operator=(const ThreadPool&) = delete;
+
+  int size() const { return int(workers_.size()); }
+  // Starts fn on every worker and returns at once; at most one job runs at a time.
+  void launch(std::function<void(int)> fn);
+  // Blocks until the launched job has finished on every worker.
+  void join();
+  // Called by every worker of the running job: returns once all have arrived.
+  void barrier();
+
+ private:
+  void worker_loop(int index);
+
+  std::vector<std::thread> workers_;
+  std::function<void(int)> job_;
+  const int spin_us_;
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<int> remaining_{0};
+  std::atomic<bool> stop_{false};
+  std::mutex mutex_;
+  std::condition_variable wake_cv_, done_cv_;
+  // Sense-reversing barrier state.
+  std::atomic<int> barrier_count_{0};
+  std::atomic<uint64_t> barrier_phase_{0};
+};
+
+}  // namespace ksdk

@@ -1,0 +1,120 @@
+// The only pybind11 file: exposes the kernels as ksdk._native (see ksdk/_native.pyi).
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+#include <sys/mman.h>
+
+#include <cerrno>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+#include "ksdk/bandwidth.h"
+#include "ksdk/cpu_features.h"
+#include "ksdk/moe.h"
+
+namespace py = pybind11;
+using namespace pybind11::literals;
+
+namespace ksdk {
+namespace {
+
+QType to_qtype(int value) {
+  switch (value) {
+    case int(QType::F16):
+    case int(QType::Q8_0):
+    case int(QType::Q4_K):
+    case int(QType::Q5_K):
+    case int(QType::Q6_K):
+    case int(QType::BF16): return QType(value);
+  }
+  throw std::invalid_argument("quant type " + std::to_string(value) +
+                              " has no kernel; allowed: F16, Q8_0, Q4_K, Q5_K, Q6_K, BF16");
+}
+
+// A [n_expert, rows, bytes_per_row] uint8 buffer (e.g. a GGUF memmap) viewed as expert weights.
+ExpertTensor expert_tensor(const py::buffer& buffer, int qtype, int n_expert, int rows, int cols,
+                           const char* name) {
+  const py::buffer_info info = buffer.request();
+  const QType t = to_qtype(qtype);
+  const int64_t row_bytes = int64_t(cols / block_values(t)) * int64_t(block_bytes(t));
+  if (info.itemsize != 1 || info.ndim != 3 || info.shape[0] != n_expert || info.shape[1] != rows ||
+      info.shape[2] != row_bytes || info.strides[2] != 1 || cols % block_values(t) != 0)
+    throw std::invalid_argument(std::string(name) + ": expected a uint8 buffer shaped (" +
+                                std::to_string(n_expert) + ", " + std::to_string(rows) + ", " +
+                                std::to_string(row_bytes) + ") with unit inner stride");
+  return ExpertTensor{static_cast<const uint8_t*>(info.ptr), info.strides[0], info.strides[1], t, n_expert,
+                      rows, cols};
+}
+
+// Keeps the weight buffers alive as long as the runner that reads them.
+struct NativeMoe {
+  py::object gate, up, down;
+  std::unique_ptr<MoeRunner> runner;
+};
+
+}  // namespace
+}  // namespace ksdk
+
+PYBIND11_MODULE(_native, m) {
+  using namespace ksdk;
+  m.doc() = "ksdk native CPU kernels (routed experts on GGUF blocks)";
+
+  m.def("cpu_features", [] {
+    const CpuFeatures& f = cpu_features();
+    py::dict d;
+    d["avx2"] = f.avx2;
+    d["avx512vnni"] = f.avx512vnni;
+    d["amx_int8"] = f.amx_int8;
+    return d;
+  });
+  m.def("read_bandwidth", &read_bandwidth_gbs, "num_bytes"_a, "num_threads"_a, "repeats"_a = 3,
+        py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "lock_memory",
+      [](const py::buffer& buffer) {
+        const py::buffer_info info = buffer.request();
+        if (mlock(info.ptr, size_t(info.size * info.itemsize)) != 0) {
+          const int err = errno;
+          throw py::value_error("mlock failed: " + std::string(std::strerror(err)) +
+                                " (raise RLIMIT_MEMLOCK, e.g. `ulimit -l unlimited`)");
+        }
+      },
+      "buffer"_a);
+
+  py::class_<NativeMoe>(m, "MoeRunner")
+      .def(py::init([](py::buffer gate, py::buffer up, py::buffer down, int gate_type, int up_type,
+                       int down_type, int n_expert, int hidden, int intermediate, int num_threads,
+                       const std::string& isa) {
+             auto moe = std::make_unique<NativeMoe>();
+             const ExpertTensor g = expert_tensor(gate, gate_type, n_expert, intermediate, hidden, "gate");
+             const ExpertTensor u = expert_tensor(up, up_type, n_expert, intermediate, hidden, "up");
+             const ExpertTensor d = expert_tensor(down, down_type, n_expert, hidden, intermediate, "down");
+             moe->gate = gate;
+             moe->up = up;
+             moe->down = down;
+             moe->runner = std::make_unique<MoeRunner>(g, u, d, num_threads, isa);
+             return moe;
+           }),
+           "gate"_a, "up"_a, "down"_a, "gate_type"_a, "up_type"_a, "down_type"_a, "n_expert"_a, "hidden"_a,
+           "intermediate"_a, "num_threads"_a, "isa"_a = "auto")
+      .def(
+          "submit",
+          [](NativeMoe& self, uintptr_t x, bool x_bf16, uintptr_t topk_ids, bool ids_int64,
+             uintptr_t topk_weights, uintptr_t out, int num_tokens, int top_k) {
+            MoeCall call{reinterpret_cast<const void*>(x),
+                         x_bf16,
+                         reinterpret_cast<const void*>(topk_ids),
+                         ids_int64,
+                         reinterpret_cast<const float*>(topk_weights),
+                         reinterpret_cast<float*>(out),
+                         num_tokens,
+                         top_k};
+            self.runner->submit(call);
+          },
+          "x"_a, "x_bf16"_a, "topk_ids"_a, "ids_int64"_a, "topk_weights"_a, "out"_a, "num_tokens"_a, "top_k"_a,
+          py::call_guard<py::gil_scoped_release>())
+      .def("wait", [](NativeMoe& self) { self.runner->wait(); }, py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("pending", [](const NativeMoe& self) { return self.runner->pending(); })
+      .def_property_readonly("isa", [](const NativeMoe& self) { return std::string(self.runner->isa()); })
+      .def_property_readonly("num_threads", [](const NativeMoe& self) { return self.runner->num_threads(); });
+}

@@ -1,0 +1,38 @@
+#include "ksdk/cpu_features.h"
+
+#include <stdexcept>
+
+namespace ksdk {
+
+const CpuFeatures& cpu_features() {
+  static const CpuFeatures f = [] {
+    CpuFeatures c;
+#if defined(__x86_64__) || defined(__i386__)
+    // libgcc's checks include the OS's XSAVE state (XCR0), so a true here is safe to execute.
+    __builtin_cpu_init();
+    c.avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    c.avx512vnni = c.avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                   __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+    c.amx_int8 = __builtin_cpu_supports("amx-int8");
+#endif
+    return c;
+  }();
+  return f;
+}
+
+const RowDotTable& select_row_dot(const std::string& isa) {
+  const CpuFeatures& f = cpu_features();
+  if (isa == "auto") {
+    if (f.avx512vnni) return row_dot_avx512vnni();
+    if (f.avx2) return row_dot_avx2();
+    return row_dot_scalar();
+  }
+  if (isa == "scalar") return row_dot_scalar();
+  if (isa == "avx2" && f.avx2) return row_dot_avx2();
+  if (isa == "avx512vnni" && f.avx512vnni) return row_dot_avx512vnni();
+  if (isa == "avx2" || isa == "avx512vnni")
+    throw std::invalid_argument("isa='" + isa + "' is not supported by this CPU");
+  throw std::invalid_argument("isa='" + isa + "' is unknown; allowed: auto, scalar, avx2, avx512vnni");
+}
+
+}  // namespace ksdk

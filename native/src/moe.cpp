@@ -1,0 +1,177 @@
+// Phases of one call, all workers in each (barrier between): A quantize each token once; B fused
+// gate+up on row tiles of every active expert (all of that expert's tokens per weight row, so each
+// row is read once); C quantize each (token, expert) intermediate; D down projection on tiles of
+// output rows across all active experts, weighted-summed into disjoint output rows (no atomics).
+#include "ksdk/moe.h"
+
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+
+#include "ksdk/cpu_features.h"
+
+namespace ksdk {
+namespace {
+
+constexpr int kGateUpTile = 16;  // rows per work item: small enough to keep every thread busy at T=1
+constexpr int kDownTile = 16;
+
+float silu(float v) { return v / (1.f + std::exp(-v)); }
+
+}  // namespace
+
+MoeRunner::MoeRunner(ExpertTensor gate, ExpertTensor up, ExpertTensor down, int num_threads,
+                     const std::string& isa)
+    : gate_(gate), up_(up), down_(down), kernels_(select_row_dot(isa)), pool_(num_threads) {
+  up_shares_gate_act_ = act_format(gate.type) == act_format(up.type);
+  scratch_.resize(pool_.size());
+}
+
+void MoeRunner::plan(const MoeCall& call) {
+  const int T = call.num_tokens, k = call.top_k, E = gate_.n_expert;
+  const int n_assign = T * k;
+  std::vector<int> ids(n_assign);
+  for (int i = 0; i < n_assign; ++i) {
+    const int64_t id = call.ids_int64 ? static_cast<const int64_t*>(call.topk_ids)[i]
+                                      : static_cast<const int32_t*>(call.topk_ids)[i];
+    if (id < 0 || id >= E)
+      throw std::invalid_argument("topk_ids[" + std::to_string(i / k) + ", " + std::to_string(i % k) +
+                                  "] = " + std::to_string(id) + " is out of range; allowed: 0.." +
+                                  std::to_string(E - 1));
+    ids[i] = int(id);
+  }
+  // Counting sort of assignments by expert.
+  std::vector<int> count(E + 1, 0);
+  for (int id : ids) ++count[id + 1];
+  active_experts_.clear();
+  expert_begin_.assign(1, 0);
+  max_tokens_per_expert_ = 0;
+  std::vector<int> offset(E, 0);
+  for (int e = 0; e < E; ++e) {
+    if (count[e + 1] == 0) continue;
+    offset[e] = expert_begin_.back();
+    active_experts_.push_back(e);
+    expert_begin_.push_back(expert_begin_.back() + count[e + 1]);
+    max_tokens_per_expert_ = std::max(max_tokens_per_expert_, count[e + 1]);
+  }
+  assign_token_.resize(n_assign);
+  assign_weight_.resize(n_assign);
+  for (int i = 0; i < n_assign; ++i) {
+    const int slot = offset[ids[i]]++;
+    assign_token_[slot] = i / k;
+    assign_weight_[slot] = call.topk_weights[i];
+  }
+
+  const int H = gate_.cols, I = gate_.rows;
+  const size_t gate_row = act_row_bytes(gate_.type, H), up_row = act_row_bytes(up_.type, H);
+  const size_t down_row = act_row_bytes(down_.type, I);
+  x_gate_q_.resize(size_t(T) * gate_row);
+  if (!up_shares_gate_act_) x_up_q_.resize(size_t(T) * up_row);
+  h_.resize(size_t(n_assign) * I);
+  h_q_.resize(size_t(n_assign) * down_row);
+  gate_acts_.resize(n_assign);
+  up_acts_.resize(n_assign);
+  down_acts_.resize(n_assign);
+  const uint8_t* x_up = up_shares_gate_act_ ? x_gate_q_.data() : x_up_q_.data();
+  for (int j = 0; j < n_assign; ++j) {
+    gate_acts_[j] = x_gate_q_.data() + size_t(assign_token_[j]) * gate_row;
+    up_acts_[j] = x_up + size_t(assign_token_[j]) * up_row;
+    down_acts_[j] = h_q_.data() + size_t(j) * down_row;
+  }
+  const size_t scratch = std::max<size_t>(H, 3 * size_t(max_tokens_per_expert_));
+  for (auto& s : scratch_) s.resize(scratch);
+  for (auto& c : next_item_) c.store(0, std::memory_order_relaxed);
+}
+
+void MoeRunner::submit(const MoeCall& call) {
+  if (pending_) throw std::logic_error("submit() called twice without wait()");
+  plan(call);
+  call_ = call;
+  pending_ = true;
+  pool_.launch([this](int worker) { work(worker); });
+}
+
+void MoeRunner::wait() {
+  if (!pending_) throw std::logic_error("wait() called without a pending submit()");
+  pool_.join();
+  pending_ = false;
+}
+
+void MoeRunner::work(int worker) {
+  quantize_tokens(worker);
+  pool_.barrier();
+  gate_up(worker);
+  pool_.barrier();
+  quantize_intermediate();
+  pool_.barrier();
+  down(worker);
+}
+
+void MoeRunner::quantize_tokens(int worker) {
+  const int H = gate_.cols;
+  float* row = scratch_[worker].data();
+  for (int t; (t = next_item_[0].fetch_add(1)) < call_.num_tokens;) {
+    const float* x;
+    if (call_.x_bf16) {
+      const uint16_t* xb = static_cast<const uint16_t*>(call_.x) + size_t(t) * H;
+      for (int i = 0; i < H; ++i) row[i] = bf16_to_fp32(xb[i]);
+      x = row;
+    } else {
+      x = static_cast<const float*>(call_.x) + size_t(t) * H;
+    }
+    quantize_activation(gate_.type, x, H, x_gate_q_.data() + size_t(t) * act_row_bytes(gate_.type, H));
+    if (!up_shares_gate_act_)
+      quantize_activation(up_.type, x, H, x_up_q_.data() + size_t(t) * act_row_bytes(up_.type, H));
+  }
+}
+
+void MoeRunner::gate_up(int worker) {
+  const int I = gate_.rows, H = gate_.cols;
+  const int tiles_per_expert = (I + kGateUpTile - 1) / kGateUpTile;
+  const int n_items = int(active_experts_.size()) * tiles_per_expert;
+  const RowDot gate_dot = kernels_.get(gate_.type), up_dot = kernels_.get(up_.type);
+  float* g = scratch_[worker].data();
+  float* u = g + max_tokens_per_expert_;
+  for (int item; (item = next_item_[1].fetch_add(1)) < n_items;) {
+    const int a = item / tiles_per_expert, e = active_experts_[a];
+    const int begin = expert_begin_[a], n_tok = expert_begin_[a + 1] - begin;
+    const int r0 = (item % tiles_per_expert) * kGateUpTile, r1 = std::min(I, r0 + kGateUpTile);
+    const uint8_t* gate_rows = gate_.data + e * gate_.expert_stride;
+    const uint8_t* up_rows = up_.data + e * up_.expert_stride;
+    for (int r = r0; r < r1; ++r) {
+      gate_dot(gate_rows + r * gate_.row_stride, gate_acts_.data() + begin, n_tok, H, g);
+      up_dot(up_rows + r * up_.row_stride, up_acts_.data() + begin, n_tok, H, u);
+      for (int j = 0; j < n_tok; ++j) h_[size_t(begin + j) * I + r] = silu(g[j]) * u[j];
+    }
+  }
+}
+
+void MoeRunner::quantize_intermediate() {
+  const int I = gate_.rows, n_assign = int(assign_token_.size());
+  const size_t row_bytes = act_row_bytes(down_.type, I);
+  for (int j; (j = next_item_[2].fetch_add(1)) < n_assign;)
+    quantize_activation(down_.type, h_.data() + size_t(j) * I, I, h_q_.data() + size_t(j) * row_bytes);
+}
+
+void MoeRunner::down(int worker) {
+  const int H = down_.rows, I = down_.cols, T = call_.num_tokens;
+  const int n_items = (H + kDownTile - 1) / kDownTile;
+  const RowDot down_dot = kernels_.get(down_.type);
+  float* y = scratch_[worker].data();
+  for (int item; (item = next_item_[3].fetch_add(1)) < n_items;) {
+    const int r0 = item * kDownTile, r1 = std::min(H, r0 + kDownTile);
+    for (int t = 0; t < T; ++t)
+      for (int r = r0; r < r1; ++r) call_.out[size_t(t) * H + r] = 0.f;
+    for (size_t a = 0; a < active_experts_.size(); ++a) {
+      const int begin = expert_begin_[a], n_tok = expert_begin_[a + 1] - begin;
+      const uint8_t* rows = down_.data + active_experts_[a] * down_.expert_stride;
+      for (int r = r0; r < r1; ++r) {
+        down_dot(rows + r * down_.row_stride, down_acts_.data() + begin, n_tok, I, y);
+        for (int j = 0; j < n_tok; ++j)
+          call_.out[size_t(assign_token_[begin + j]) * H + r] += assign_weight_[begin + j] * y[j];
+      }
+    }
+  }
+}
+
+}  // namespace ksdk

@@ -1,0 +1,97 @@
+#include "ksdk/thread_pool.h"
+
+#include <chrono>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define KSDK_PAUSE() _mm_pause()
+#else
+#define KSDK_PAUSE() ((void)0)
+#endif
+
+namespace ksdk {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+// Spins until pred() or spin_us elapse; returns pred()'s last value.
+template <typename Pred>
+bool spin_until(Pred pred, int spin_us) {
+  const auto deadline = Clock::now() + std::chrono::microseconds(spin_us);
+  for (int i = 0;; ++i) {
+    if (pred()) return true;
+    KSDK_PAUSE();
+    if ((i & 255) == 255 && Clock::now() > deadline) return pred();
+  }
+}
+
+}  // namespace
+
+ThreadPool::ThreadPool(int num_threads, int spin_us) : spin_us_(spin_us) {
+  if (num_threads < 1) num_threads = 1;
+  workers_.reserve(num_threads);
+  for (int i = 0; i < num_threads; ++i) workers_.emplace_back([this, i] { worker_loop(i); });
+}
+
+ThreadPool::~ThreadPool() {
+  join();
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    stop_.store(true);
+  }
+  wake_cv_.notify_all();
+  for (auto& w : workers_) w.join();
+}
+
+void ThreadPool::launch(std::function<void(int)> fn) {
+  job_ = std::move(fn);
+  remaining_.store(size(), std::memory_order_relaxed);
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    generation_.fetch_add(1, std::memory_order_release);
+  }
+  wake_cv_.notify_all();
+}
+
+void ThreadPool::join() {
+  auto done = [this] { return remaining_.load(std::memory_order_acquire) == 0; };
+  if (spin_until(done, spin_us_)) return;
+  std::unique_lock<std::mutex> lock(mutex_);
+  done_cv_.wait(lock, done);
+}
+
+void ThreadPool::barrier() {
+  const uint64_t phase = barrier_phase_.load(std::memory_order_acquire);
+  if (barrier_count_.fetch_add(1, std::memory_order_acq_rel) + 1 == size()) {
+    barrier_count_.store(0, std::memory_order_relaxed);
+    barrier_phase_.fetch_add(1, std::memory_order_release);
+    return;
+  }
+  for (int i = 0; barrier_phase_.load(std::memory_order_acquire) == phase; ++i) {
+    KSDK_PAUSE();
+    // More workers than free cores (a busy host): let the stragglers run.
+    if (i > 4096) std::this_thread::yield();
+  }
+}
+
+void ThreadPool::worker_loop(int index) {
+  uint64_t seen = 0;
+  for (;;) {
+    auto has_work = [&] {
+      return generation_.load(std::memory_order_acquire) != seen || stop_.load(std::memory_order_relaxed);
+    };
+    if (!spin_until(has_work, spin_us_)) {
+      std::unique_lock<std::mutex> lock(mutex_);
+      wake_cv_.wait(lock, has_work);
+    }
+    if (stop_.load()) return;
+    seen = generation_.load(std::memory_order_acquire);
+    job_(index);
+    if (remaining_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+      std::lock_guard<std::mutex> lock(mutex_);  // pairs with join()'s predicate check under the lock
+      done_cv_.notify_all();
+    }
+  }
+}
+
+}  // namespace ksdk

@@ -1,0 +1,211 @@
+"""CPUExperts against a torch reference on gguf.quants.dequantize'd weights, over types, shapes and routing.
+
+Two references: ``exact`` quantizes the activations exactly as the kernels do (per-block int8, scale
+max|x|/127, round half to even) and must match up to a few int8 rounding flips where fp32 summation order
+differs (each flip about 1e-4 of the output norm here: we allow 2e-3); ``plain`` is fp32
+math on the dequantized weights, which Q8 activations (x once, the intermediate once) can miss by about
+1% on these random layers: we require < 3e-2 for quantized weights, < 1e-5 for BF16/F16 (fp32 activations).
+"""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from ksdk.bench.random_blocks import RandomExpertTensor, random_expert_tensor
+from ksdk.errors import InvalidRequestError, ModelFileError, UnsupportedQuantError
+from ksdk.offload import CPUExperts, default_num_threads, load_native
+
+Q = gguf.GGMLQuantizationType
+KQUANTS = (Q.Q4_K, Q.Q5_K, Q.Q6_K)
+ISAS = ["scalar"] + [isa for isa in ("avx2", "avx512vnni") if load_native().cpu_features()[isa]]
+
+
+def dequantized(view: RandomExpertTensor) -> torch.Tensor:
+    return torch.from_numpy(gguf.quants.dequantize(view.raw, view.qtype).astype(np.float32)).reshape(view.shape)
+
+
+_DEQUANTIZED: dict[int, tuple[RandomExpertTensor, torch.Tensor]] = {}
+
+
+def _dequantized_cache(view: RandomExpertTensor) -> torch.Tensor:
+    if id(view) not in _DEQUANTIZED or _DEQUANTIZED[id(view)][0] is not view:
+        _DEQUANTIZED[id(view)] = (view, dequantized(view))
+    return _DEQUANTIZED[id(view)][1]
+
+
+def like_kernel_activations(x: torch.Tensor, qtype: Q) -> torch.Tensor:
+    """x [N, n] rounded as the kernels quantize activations for weights of type qtype."""
+    if qtype in (Q.BF16, Q.F16):
+        return x
+    block = 256 if qtype in KQUANTS else 32
+    xb = x.reshape(x.shape[0], -1, block)
+    d = xb.abs().amax(dim=-1, keepdim=True) / 127
+    q = torch.round(xb * torch.where(d > 0, 127 / xb.abs().amax(dim=-1, keepdim=True), 0.0))
+    return (q * d).reshape(x.shape)
+
+
+def reference(x, ids, weights, gate, up, down, *, like_kernel: bool) -> torch.Tensor:
+    """fp32 MoE on the dequantized weights (gate/up/down are views; dequantized once per view)."""
+    g_w, u_w, d_w = (_dequantized_cache(v) for v in (gate, up, down))
+    x = x.float()
+    out = torch.zeros(x.shape[0], d_w.shape[1])
+    for e in ids.unique().tolist():
+        tok, slot = (ids == e).nonzero(as_tuple=True)
+        xe = x[tok]  # [n_e, H]
+        xg = like_kernel_activations(xe, gate.qtype) if like_kernel else xe
+        xu = like_kernel_activations(xe, up.qtype) if like_kernel else xe
+        h = torch.nn.functional.silu(xg @ g_w[e].T) * (xu @ u_w[e].T)  # [n_e, I]
+        if like_kernel:
+            h = like_kernel_activations(h, down.qtype)
+        out.index_add_(0, tok, weights[tok, slot, None] * (h @ d_w[e].T))
+    return out
+
+
+def make_layer(gate_qtype: Q, down_qtype: Q, n_expert: int, hidden: int, inter: int):
+    gate = random_expert_tensor(gate_qtype, n_expert, inter, hidden, seed=1)
+    up = random_expert_tensor(gate_qtype, n_expert, inter, hidden, seed=2)
+    down = random_expert_tensor(down_qtype, n_expert, hidden, inter, seed=3)
+    return gate, up, down
+
+
+def routing(num_tokens: int, top_k: int, n_expert: int, *, skewed: bool, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randperm(n_expert, generator=gen)[:top_k] for _ in range(num_tokens)])
+    if skewed:  # expert 0 in every token, the rest from a few experts: many experts unused
+        ids = torch.stack([torch.randperm(top_k + 1, generator=gen)[:top_k] for _ in range(num_tokens)])
+        ids[:, 0] = 0
+        ids[:, 1:] = torch.where(ids[:, 1:] == 0, top_k + 1, ids[:, 1:])
+    weights = torch.rand(num_tokens, top_k, generator=gen)
+    return ids, weights
+
+
+# (gate/up type, down type, n_expert, hidden, intermediate)
+LAYERS = [
+    (Q.Q4_K, Q.Q6_K, 8, 512, 256),
+    (Q.Q5_K, Q.Q4_K, 8, 256, 512),
+    (Q.Q6_K, Q.Q5_K, 8, 512, 256),
+    (Q.Q8_0, Q.Q8_0, 16, 160, 96),
+    (Q.BF16, Q.F16, 8, 72, 40),  # lengths not a multiple of 8: the vector kernels' scalar tails
+    (Q.F16, Q.BF16, 8, 64, 48),
+]
+# (T, top_k, skewed)
+ROUTES = [(1, 1, False), (5, 8, False), (70, 4, True)]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("layer", LAYERS, ids=lambda l: f"{l[0].name}-{l[1].name}-H{l[3]}-I{l[4]}")
+def test_matches_dequantized_reference(isa, layer) -> None:
+    gate_q, down_q, n_expert, hidden, inter = layer
+    gate, up, down = make_layer(gate_q, down_q, n_expert, hidden, inter)
+    experts = CPUExperts(gate, up, down, num_threads=2, isa=isa)
+    assert experts.isa == isa
+    quantized = gate_q not in (Q.BF16, Q.F16) or down_q not in (Q.BF16, Q.F16)
+    for num_tokens, top_k, skewed in ROUTES:
+        x = torch.randn(num_tokens, hidden)
+        ids, weights = routing(num_tokens, top_k, n_expert, skewed=skewed)
+        out = experts.forward(x, ids, weights)
+        assert out.shape == (num_tokens, hidden) and out.dtype == torch.float32
+        assert torch.isfinite(out).all()
+        exact = reference(x, ids, weights, gate, up, down, like_kernel=True)
+        plain = reference(x, ids, weights, gate, up, down, like_kernel=False)
+        assert float((out - exact).norm() / exact.norm()) < 2e-3
+        assert float((out - plain).norm() / plain.norm()) < (3e-2 if quantized else 1e-5)
+
+
+def test_isas_agree() -> None:
+    gate, up, down = make_layer(Q.Q4_K, Q.Q6_K, 8, 512, 256)
+    x = torch.randn(9, 512)
+    ids, weights = routing(9, 8, 8, skewed=False)
+    outs = [CPUExperts(gate, up, down, num_threads=1, isa=isa).forward(x, ids, weights) for isa in ISAS]
+    for out in outs[1:]:  # integer sums are exact; only the fp32 summation order differs
+        torch.testing.assert_close(out, outs[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def layer():
+    return make_layer(Q.Q4_K, Q.Q6_K, 16, 256, 256)
+
+
+def test_thread_counts_give_identical_results(layer) -> None:
+    x = torch.randn(12, 256)
+    ids, weights = routing(12, 6, 16, skewed=False)
+    outs = [CPUExperts(*layer, num_threads=n).forward(x, ids, weights) for n in (1, 2, 3)]
+    assert CPUExperts(*layer, num_threads=3).num_threads == 3
+    # Each output value is computed by one thread in a fixed order, whatever the split.
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+def test_default_threads_leave_a_core_free(layer) -> None:
+    assert CPUExperts(*layer).num_threads == default_num_threads()
+    assert 1 <= default_num_threads() <= max(1, len(__import__("os").sched_getaffinity(0)) - 1)
+
+
+def test_bf16_input_and_int32_ids_match_fp32_int64(layer) -> None:
+    experts = CPUExperts(*layer, num_threads=2)
+    x = torch.randn(4, 256).bfloat16()
+    ids, weights = routing(4, 3, 16, skewed=False)
+    expected = experts.forward(x.float(), ids.long(), weights)
+    assert torch.equal(experts.forward(x, ids.int(), weights), expected)
+
+
+def test_submit_then_wait(layer) -> None:
+    experts = CPUExperts(*layer, num_threads=2)
+    x = torch.randn(3, 256)
+    ids, weights = routing(3, 4, 16, skewed=False)
+    expected = experts.forward(x, ids, weights)
+    out = torch.full((3, 256), float("nan"))
+    experts.submit(x, ids, weights, out)
+    with pytest.raises(InvalidRequestError, match="pending"):
+        experts.submit(x, ids, weights, out)
+    busy = torch.randn(64, 64) @ torch.randn(64, 64)  # Python/torch work while the experts run
+    experts.wait()
+    assert busy.shape == (64, 64)
+    assert torch.equal(out, expected)
+    with pytest.raises(InvalidRequestError, match="without a pending"):
+        experts.wait()
+
+
+def test_copy_to_ram_matches_memmap_view(layer) -> None:
+    x = torch.randn(2, 256)
+    ids, weights = routing(2, 2, 16, skewed=False)
+    expected = CPUExperts(*layer, num_threads=1).forward(x, ids, weights)
+    assert torch.equal(CPUExperts(*layer, num_threads=1, copy_to_ram=True).forward(x, ids, weights), expected)
+
+
+@pytest.mark.parametrize("bad_id", [16, -1])
+def test_out_of_range_expert_id(layer, bad_id) -> None:
+    experts = CPUExperts(*layer, num_threads=1)
+    ids = torch.tensor([[0, bad_id]])
+    with pytest.raises(InvalidRequestError, match=rf"topk_ids\[0, 1\] = {bad_id} is out of range; allowed: 0..15"):
+        experts.forward(torch.randn(1, 256), ids, torch.ones(1, 2))
+    # The failed submit left nothing pending.
+    assert experts.forward(torch.randn(1, 256), ids.clamp(0, 15), torch.ones(1, 2)).shape == (1, 256)
+
+
+def test_bad_input_shapes_and_options(layer) -> None:
+    experts = CPUExperts(*layer, num_threads=1)
+    ids, weights = routing(2, 2, 16, skewed=False)
+    with pytest.raises(InvalidRequestError, match="x is"):
+        experts.forward(torch.randn(2, 128), ids, weights)
+    with pytest.raises(InvalidRequestError, match="topk_weights is"):
+        experts.forward(torch.randn(2, 256), ids, weights.double())
+    with pytest.raises(InvalidRequestError, match="num_threads=0"):
+        CPUExperts(*layer, num_threads=0)
+    with pytest.raises(InvalidRequestError, match="isa='neon'"):
+        CPUExperts(*layer, isa="neon")
+
+
+def test_unsupported_and_malformed_tensors(layer) -> None:
+    gate, up, down = layer
+    q4_0 = RandomExpertTensor(Q.Q4_0, gate.shape, np.zeros((16, 256, 144), np.uint8))
+    with pytest.raises(UnsupportedQuantError, match="Q4_0"):
+        CPUExperts(q4_0, up, down)
+    short = RandomExpertTensor(gate.qtype, gate.shape, gate.raw[:, :, :100])
+    with pytest.raises(ModelFileError, match="raw bytes"):
+        CPUExperts(short, up, down)
+    fewer_experts = random_expert_tensor(up.qtype, 8, 256, 256)
+    with pytest.raises(ModelFileError, match=r"'up' has shape \(8, 256, 256\); expected \(16, 256, 256\)"):
+        CPUExperts(gate, fewer_experts, down)
