@@ -203,9 +203,11 @@ class Engine:
         if not ids:
             raise InvalidRequestError("prompt: it is empty")
         room = self.max_model_len - len(ids)
-        if room < 1 or (params.max_tokens is not None and params.max_tokens > room):
-            raise ContextLengthError(f"the prompt has {len(ids)} tokens and max_tokens is {params.max_tokens}; "
+        asked = sampling.get("max_tokens", params.max_tokens)  # the default shrinks to fit; an explicit value must fit
+        if room < 1 or (asked is not None and "max_tokens" in sampling and asked > room):
+            raise ContextLengthError(f"the prompt has {len(ids)} tokens and max_tokens is {asked}; "
                                      f"together they must fit max_model_len={self.max_model_len}")
+        max_tokens = room if asked is None else min(asked, room)
         if self._core.num_waiting >= self.config.max_waiting:
             raise EngineBusyError(f"{self.config.max_waiting} requests are already waiting (max_waiting); retry later")
         request_id = request_id or uuid.uuid4().hex
@@ -213,7 +215,7 @@ class Engine:
             raise InvalidRequestError(f"request_id: {request_id!r} is already in use by a running request")
         channel = Channel()
         self._channels[request_id] = channel
-        self._core.add_request(request_id, tuple(ids), params, params.max_tokens or room)
+        self._core.add_request(request_id, tuple(ids), params, max_tokens)
         return RequestStream(request_id, params.n, channel, self._close_stream, make_splitter)
 
     def _close_stream(self, request_id: str, abort: bool) -> None:

@@ -51,7 +51,7 @@ class KVCachePlan:
                 f"kv_cache_tokens={kv_cache_tokens} needs {kv_cache_tokens * per_token / GiB:.2f} GiB but only "
                 f"{available_bytes / GiB:.2f} GiB may be used; allowed: at most {fits} tokens")
         if max_model_len is None:  # default: the model's context, shrunk to what the cache can hold
-            max_model_len = min(context_length, kv_cache_tokens or fits)
+            max_model_len = min(context_length, (kv_cache_tokens or fits) // page_size * page_size)
             if max_model_len < page_size:
                 raise CacheConfigError(f"only {available_bytes / GiB:.3f} GiB may be used for the KV cache, "
                                        f"{fits} tokens; at least one page ({page_size} tokens) is needed")

@@ -120,7 +120,7 @@ class LLMEngine:
         started = time.perf_counter()
         outputs = self._apply_commands()
         batch = self.scheduler.schedule()
-        sampled = self._run(batch, outputs)
+        batch, sampled = self._run(batch, outputs)
         outputs += self._postprocess(batch, sampled, started)
         return outputs
 
@@ -141,8 +141,9 @@ class LLMEngine:
                 break
             if kind == "add":
                 assert isinstance(item, Request)
-                with self._lock:
+                with self._lock:  # moves from the inbox count to the waiting count in one go
                     self._pending_adds -= 1
+                    self._num_waiting_requests += 1
                 if item.request_id in self._requests:  # ids must be unique among live requests
                     outputs.append(StepOutput(item.request_id, error=ValueError(
                         f"request_id {item.request_id!r} is already in use")))
@@ -154,19 +155,45 @@ class LLMEngine:
                 outputs += self._abort(item)
         return outputs
 
-    def _run(self, batch: ScheduledBatch, outputs: list[StepOutput]) -> SampledTokens | None:
-        """Forward and sample; a failure fails the batch's requests, not the engine."""
+    def _run(self, batch: ScheduledBatch, outputs: list[StepOutput]) -> tuple[ScheduledBatch, SampledTokens | None]:
+        """Forward and sample; returns the batch that survived (failed requests are dropped from it)."""
         if not batch.seqs:
-            return None
+            return batch, None
         try:
             logits = self.runner.run(batch)
-            seqs = batch.sampling_seqs
-            return self.sampler(logits, seqs) if seqs else None
-        except Exception as exc:  # noqa: BLE001 - reported to each request of the batch
-            logger.exception("model step failed; failing the batch's requests")
-            for rid in dict.fromkeys(s.request.request_id for s in batch.seqs):
+        except Exception:  # noqa: BLE001 - isolated per request below
+            logger.warning("model step failed; rerunning its %d sequences one by one", len(batch.seqs))
+            batch, logits = self._rerun_one_by_one(batch, outputs)
+        if not batch.sampling_seqs:
+            return batch, None
+        try:
+            return batch, self.sampler(logits, batch.sampling_seqs)
+        except Exception as exc:  # noqa: BLE001 - reported to the requests that were sampling
+            logger.exception("sampling failed")
+            for rid in dict.fromkeys(s.request.request_id for s in batch.sampling_seqs):
                 outputs += self._fail(rid, exc)
-            return None
+            return ScheduledBatch(), None
+
+    def _rerun_one_by_one(self, batch: ScheduledBatch, outputs: list[StepOutput]) -> tuple[ScheduledBatch,
+                                                                                           torch.Tensor]:
+        """Fail only the requests whose sequences fail alone (cache writes are idempotent: reruns are safe)."""
+        done: list[tuple[Sequence, int, torch.Tensor | None]] = []
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            if seq.status is not SequenceStatus.RUNNING:  # a failed sibling ended its request
+                continue
+            samples = seq in batch.sampling_seqs
+            try:
+                logits = self.runner.run(ScheduledBatch((seq,), (n,), (seq,) if samples else ()))
+            except Exception as exc:  # noqa: BLE001 - this request's own failure
+                logger.exception("model step failed for request %s", seq.request.request_id)
+                outputs += self._fail(seq.request.request_id, exc)
+                continue
+            done.append((seq, n, logits if samples else None))
+        done = [d for d in done if d[0].status is SequenceStatus.RUNNING]
+        rows = [d[2] for d in done if d[2] is not None]
+        rebuilt = ScheduledBatch(tuple(d[0] for d in done), tuple(d[1] for d in done),
+                                 tuple(d[0] for d in done if d[2] is not None))
+        return rebuilt, torch.cat(rows) if rows else torch.empty(0)
 
     def _postprocess(self, batch: ScheduledBatch, sampled: SampledTokens | None, started: float) -> list[StepOutput]:
         prompt_tokens = 0

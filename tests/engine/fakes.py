@@ -54,7 +54,9 @@ class FakeModel:
             weights = torch.arange(1, n + 1, dtype=torch.float32)[None, :, None]
             summary = (hist * weights).sum(dim=(0, 1)).double()  # [D], exact integers
             rows.append((summary @ self.head) % 97 / 10.0)  # [V]
-        return torch.stack(rows).float()  # [B, V]
+        logits = torch.stack(rows).float()  # [B, V]
+        logits[:, BOS] = float("-inf")  # like a real model, never start a new document
+        return logits
 
 
 class FakeTokenizer:
@@ -93,8 +95,9 @@ class FakeChatTemplate:
         return False
 
 
-def make_engine(model: FakeModel | None = None, **config: object) -> Engine:
+def make_engine(model: FakeModel | None = None, *, eos_token_id: int = EOS, **config: object) -> Engine:
     tok = FakeTokenizer()
+    tok.eos_token_id = eos_token_id
     return Engine(model or FakeModel(), tok, model_id="fake", config=EngineConfig(**config),  # type: ignore[arg-type]
                   chat_template=FakeChatTemplate(), make_detokenizer=lambda: FakeDetokenizer(tok),
                   available_bytes=1 << 30)
