@@ -88,7 +88,7 @@ class FakeEngine:
             if m.get("role") not in ROLES:
                 raise ksdk.InvalidRequestError(f"role {m.get('role')!r} is not one of {sorted(ROLES)}")
         prompt_tokens = sum(2 + len(str(m.get("content") or "").split()) for m in messages)
-        self.calls.append(("chat", messages, sampling))
+        self.calls.append(("chat", [dict(m) for m in messages], sampling))  # a copy: callers reuse lists
         return self._run(request_id, prompt_tokens, sampling, reasoning=True)
 
     def generate(self, prompt: str | list[int], *, request_id: str | None = None,
