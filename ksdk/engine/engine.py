@@ -66,7 +66,8 @@ class Engine:
         self._vocab_size: int = model.config.vocab_size  # type: ignore[attr-defined]
         self._core = LLMEngine(model, self.config, num_layers=model.config.num_layers,  # type: ignore[attr-defined]
                                context_length=model.config.context_length,  # type: ignore[attr-defined]
-                               eos_token_ids=() if eos is None else (eos,), token_text=tokenizer.token_text,
+                               eos_token_ids=() if eos is None else (eos,),
+                               token_text=lambda token_id: tokenizer.decode([token_id]),
                                make_detokenizer=make_detokenizer, available_bytes=available_bytes)
         self.max_model_len = self._core.max_model_len
         self.state = EngineState.CREATED
@@ -138,9 +139,9 @@ class Engine:
 
     def generate(self, prompt: str | list[int], *, request_id: str | None = None,
                  **sampling: Any) -> RequestStream:
-        """Raw completion (no chat template); a string prompt gets the BOS token."""
+        """Raw completion (no chat template); a string prompt gets BOS when the model's tokenizer asks."""
         if isinstance(prompt, str):
-            ids = list(self.tokenizer.encode(prompt, add_bos=True, allow_special=True))
+            ids = list(self.tokenizer.encode(prompt, add_bos=self.tokenizer.add_bos, allow_special=True))
         elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             ids = list(prompt)
             bad = [t for t in ids if not 0 <= t < self._vocab_size]

@@ -62,6 +62,7 @@ class FakeModel:
 class FakeTokenizer:
     eos_token_id = EOS
     bos_token_id = BOS
+    add_bos = True
 
     def encode(self, text: str, add_bos: bool = False, allow_special: bool = True) -> list[int]:
         return ([BOS] if add_bos else []) + [2 + CHARS.index(c) for c in text]
