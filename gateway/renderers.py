@@ -24,7 +24,6 @@ class Renderer(Protocol):
 
 
 class _Base:
-    object_name = ""
     chunk_object_name = ""
 
     def __init__(self, request_id: str, created: int, model: str, num_choices: int, include_usage: bool) -> None:

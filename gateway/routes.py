@@ -7,6 +7,7 @@ errors (400/429/503) → 200. ``/health`` needs no key; everything else does whe
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from typing import Any
@@ -36,11 +37,12 @@ async def _read_json(request: Request, max_bytes: int) -> dict[str, Any]:
     if length.isdigit() and int(length) > max_bytes:
         raise too_big
     chunks, size = [], 0
-    async for chunk in request.stream():  # count while reading: Content-Length may be absent or wrong
-        size += len(chunk)
-        if size > max_bytes:
-            raise too_big
-        chunks.append(chunk)
+    async with contextlib.aclosing(request.stream()) as body:  # count while reading: Content-Length may lie
+        async for chunk in body:
+            size += len(chunk)
+            if size > max_bytes:
+                raise too_big
+            chunks.append(chunk)
     return parse_json_body(b"".join(chunks))
 
 
@@ -65,7 +67,7 @@ async def get_model(request: Request) -> Response:
     return JSONResponse(_model_card(state))
 
 
-async def chat_completions(request: Request) -> Response:
+async def chat_completions(request: Request) -> EngineResponse:
     state = _state(request)
     state.check_api_key(request)
     chat = parse_chat_request(await _read_json(request, state.max_body_bytes), state.model_id)
@@ -79,11 +81,10 @@ async def chat_completions(request: Request) -> Response:
     source = Source(0, 0, request_id, lambda: engine.stream(chat.messages, request_id=request_id, **chat.sampling))
     renderer = ChatRenderer(request_id, int(time.time()), state.model_id, chat.sampling.get("n", 1),
                             chat.include_usage, with_logprobs=chat.sampling.get("logprobs", False))
-    return EngineResponse([source], renderer, stream=chat.stream, abort=engine.abort,  # type: ignore[return-value]
-                          on_close=release)
+    return EngineResponse([source], renderer, stream=chat.stream, abort=engine.abort, on_close=release)
 
 
-async def completions(request: Request) -> Response:
+async def completions(request: Request) -> EngineResponse:
     state = _state(request)
     state.check_api_key(request)
     comp = parse_completion_request(await _read_json(request, state.max_body_bytes), state.model_id)
@@ -103,8 +104,8 @@ async def completions(request: Request) -> Response:
     top = comp.sampling.get("top_logprobs", 0) if comp.sampling.get("logprobs") else None
     renderer = CompletionRenderer(request_id, int(time.time()), state.model_id, n * len(comp.prompts),
                                   comp.include_usage, top_logprobs=top)
-    return EngineResponse([source(k, p) for k, p in enumerate(comp.prompts)], renderer,  # type: ignore[return-value]
-                          stream=comp.stream, abort=engine.abort, on_close=release)
+    return EngineResponse([source(k, p) for k, p in enumerate(comp.prompts)], renderer, stream=comp.stream,
+                          abort=engine.abort, on_close=release)
 
 
 async def health(request: Request) -> Response:
@@ -132,6 +133,7 @@ async def metrics(request: Request) -> Response:
 
 
 def build_routes() -> list[BaseRoute]:
+    # The generation endpoints return an EngineResponse: an ASGI app like a Response, that owns the request.
     return [
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/models/{model_id:path}", get_model, methods=["GET"]),

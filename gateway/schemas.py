@@ -331,7 +331,6 @@ class ChoiceState:
     reasoning: list[str] = dataclasses.field(default_factory=list)
     logprobs: list[ksdk.TokenLogprob] = dataclasses.field(default_factory=list)
     finish_reason: str | None = None
-    text_length: int = 0  # characters of text so far, for completions' text_offset
 
     def add(self, event: ksdk.StreamEvent) -> None:
         if event.text:

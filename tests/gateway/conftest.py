@@ -13,9 +13,9 @@ import gateway
 from tests.gateway.fake_engine import FakeEngine
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"  # the engine is an asyncio engine
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    return request.param  # the engine runs under both
 
 
 @pytest.fixture

@@ -8,12 +8,13 @@ strings cut the text before them. ``token_delay`` slows each step so tests can d
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import enum
 import random
 import uuid
 from collections.abc import AsyncIterator
+
+import anyio
 
 import ksdk
 
@@ -66,7 +67,7 @@ class FakeEngine:
     # -- lifecycle ---------------------------------------------------------------------------------
     async def start(self) -> None:
         self.start_calls += 1
-        await asyncio.sleep(0)
+        await anyio.sleep(0)
         self.state = FakeState.RUNNING
 
     async def aclose(self) -> None:
@@ -127,7 +128,7 @@ class FakeEngine:
         try:
             step = 0
             while any(step < len(c) for c in choices):
-                await asyncio.sleep(self.token_delay)
+                await anyio.sleep(self.token_delay)
                 if rid not in self.pages:  # aborted
                     for i in range(params.n):
                         yield ksdk.StreamEvent(rid, i, "", (), finish_reason="abort")

@@ -12,6 +12,7 @@ import pytest
 
 import gateway
 from tests.gateway.fake_engine import FakeEngine, FakeState
+from tests.gateway.test_disconnect import scope
 
 pytestmark = pytest.mark.anyio
 
@@ -72,10 +73,19 @@ async def test_body_too_large_is_413(engine: FakeEngine) -> None:
         big = chat(messages=[{"role": "user", "content": "x" * 300}])
         assert_error(await http.post("/v1/chat/completions", json=big), 413, code="request_too_large")
 
-        async def chunks() -> Any:  # no Content-Length: the limit is counted while reading
-            yield json.dumps(big).encode()
+        # no Content-Length, the body in pieces: the limit is counted while reading
+        pieces = [{"type": "http.request", "body": b" " * 150, "more_body": True},
+                  {"type": "http.request", "body": json.dumps(chat()).encode(), "more_body": False}]
+        sent: list[dict[str, Any]] = []
 
-        assert_error(await http.post("/v1/chat/completions", content=chunks()), 413)
+        async def receive() -> dict[str, Any]:
+            return pieces.pop(0)
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        await app(scope("/v1/chat/completions"), receive, send)
+        assert sent[0]["status"] == 413 and b"request_too_large" in sent[1]["body"]
         assert (await http.post("/v1/chat/completions", json=chat())).status_code == 200
 
 
@@ -199,9 +209,10 @@ async def test_engine_closing_between_check_and_request_is_503(http: httpx.Async
     assert_error(await http.post("/v1/chat/completions", json=chat(stream=True)), 503, code="engine_closed")
 
 
-async def test_health_is_503_until_started(http: httpx.AsyncClient, engine: FakeEngine) -> None:
+async def test_health_is_503_until_started(http: httpx.AsyncClient, engine: FakeEngine, anyio_backend: str) -> None:
     r = await http.get("/health")
-    assert r.status_code == 503 and r.json() == {"status": "starting", "model": "fake-r1"}
+    if anyio_backend == "asyncio":  # the start runs as a task; under trio /health awaits it
+        assert r.status_code == 503 and r.json() == {"status": "starting", "model": "fake-r1"}
     with anyio.fail_after(5):  # /health began the lazy start
         while (await http.get("/health")).status_code != 200:
             await anyio.sleep(0.01)
@@ -259,3 +270,31 @@ def test_create_app_refuses_bad_settings(engine: FakeEngine) -> None:
     for kwargs in ({"api_key": ""}, {"max_body_bytes": 0}, {"max_concurrency": 0}):
         with pytest.raises(ValueError, match=next(iter(kwargs))):
             gateway.create_app(engine, **kwargs)  # type: ignore[arg-type]
+
+
+async def test_an_error_after_the_stream_started_is_an_error_event(http: httpx.AsyncClient,
+                                                                   engine: FakeEngine) -> None:
+    engine.token_delay, engine.answer_tokens = 0.01, 1000
+    responses: list[httpx.Response] = []
+
+    async def ask() -> None:
+        responses.append(await http.post("/v1/chat/completions", json=chat(stream=True)))
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ask)
+            while not engine.pages:
+                await anyio.sleep(0.005)
+            await anyio.sleep(0.05)
+            engine.abort(next(iter(engine.pages)))  # as the engine does when it shuts down under a request
+    r = responses[0]
+    assert r.status_code == 200  # the status was sent with the first chunk
+    events = [e for e in r.text.split("\n\n") if e]
+    assert events[-1] == "data: [DONE]"
+    error = json.loads(events[-2].removeprefix("data: "))["error"]
+    assert error["code"] == "request_aborted" and error["type"] == "service_unavailable"
+
+
+def test_public_names() -> None:
+    assert gateway.__all__ == sorted(gateway.__all__)
+    assert all(hasattr(gateway, name) for name in gateway.__all__)
