@@ -19,6 +19,7 @@ from ksdk.engine.request import Detokenizer, Request, Sequence, SequenceStatus
 from ksdk.engine.sampler import SampledTokens, Sampler
 from ksdk.engine.scheduler import ScheduledBatch, Scheduler
 from ksdk.engine.stats import EngineStats, StatsRecorder
+from ksdk.errors import InvalidRequestError
 from ksdk.outputs import StreamEvent, TokenLogprob, Usage
 from ksdk.sampling import SamplingParams
 
@@ -141,12 +142,13 @@ class LLMEngine:
                 break
             if kind == "add":
                 assert isinstance(item, Request)
+                duplicate = item.request_id in self._requests  # ids are unique among live requests
                 with self._lock:  # moves from the inbox count to the waiting count in one go
                     self._pending_adds -= 1
-                    self._num_waiting_requests += 1
-                if item.request_id in self._requests:  # ids must be unique among live requests
-                    outputs.append(StepOutput(item.request_id, error=ValueError(
-                        f"request_id {item.request_id!r} is already in use")))
+                    self._num_waiting_requests += not duplicate
+                if duplicate:
+                    outputs.append(StepOutput(item.request_id, error=InvalidRequestError(
+                        f"request_id: {item.request_id!r} is still in use by an earlier request")))
                     continue
                 self._requests[item.request_id] = item
                 for seq in item.sequences:
@@ -172,7 +174,7 @@ class LLMEngine:
             logger.exception("sampling failed")
             for rid in dict.fromkeys(s.request.request_id for s in batch.sampling_seqs):
                 outputs += self._fail(rid, exc)
-            return ScheduledBatch(), None
+            return batch, None  # the other chunks of the batch still count as computed
 
     def _rerun_one_by_one(self, batch: ScheduledBatch, outputs: list[StepOutput]) -> tuple[ScheduledBatch,
                                                                                            torch.Tensor]:
@@ -207,6 +209,8 @@ class LLMEngine:
         outputs: list[StepOutput] = []
         if sampled is not None:
             for i, seq in enumerate(batch.sampling_seqs):
+                if seq.status is not SequenceStatus.RUNNING:  # a sibling's failure ended its request
+                    continue
                 try:
                     outputs.append(StepOutput(seq.request.request_id, self._append_token(seq, sampled, i)))
                 except Exception as exc:  # noqa: BLE001 - one request's failure stays its own
