@@ -1,0 +1,1 @@
+"""Benchmarks run by a person: ``python -m ksdk.bench experts`` (CPU routed experts)."""

@@ -2,7 +2,7 @@
 
 Two references: ``exact`` quantizes the activations exactly as the kernels do (per-block int8, scale
 max|x|/127, round half to even) and must match up to a few int8 rounding flips where fp32 summation order
-differs (each flip about 1e-4 of the output norm here: we allow 2e-3); ``plain`` is fp32
+differs (up to ~1.5e-3 of the output norm seen when 70 tokens share an expert: we allow 5e-3); ``plain`` is fp32
 math on the dequantized weights, which Q8 activations (x once, the intermediate once) can miss by about
 1% on these random layers: we require < 3e-2 for quantized weights, < 1e-5 for BF16/F16 (fp32 activations).
 """
@@ -111,7 +111,7 @@ def test_matches_dequantized_reference(isa, layer) -> None:
         assert torch.isfinite(out).all()
         exact = reference(x, ids, weights, gate, up, down, like_kernel=True)
         plain = reference(x, ids, weights, gate, up, down, like_kernel=False)
-        assert float((out - exact).norm() / exact.norm()) < 2e-3
+        assert float((out - exact).norm() / exact.norm()) < 5e-3
         assert float((out - plain).norm() / plain.norm()) < (3e-2 if quantized else 1e-5)
 
 
