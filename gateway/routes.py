@@ -78,9 +78,11 @@ async def chat_completions(request: Request) -> EngineResponse:
         release()
         raise
     engine, request_id = state.engine, f"chatcmpl-{uuid.uuid4().hex}"
-    source = Source(0, 0, request_id, lambda: engine.stream(chat.messages, request_id=request_id, **chat.sampling))
+    source = Source(0, 0, request_id, lambda: engine.stream(chat.messages, request_id=request_id, tools=chat.tools,
+                                                           **chat.sampling))
     renderer = ChatRenderer(request_id, int(time.time()), state.model_id, chat.sampling.get("n", 1),
-                            chat.include_usage, with_logprobs=chat.sampling.get("logprobs", False))
+                            chat.include_usage, with_logprobs=chat.sampling.get("logprobs", False),
+                            parse_tool_calls=chat.tools is not None)
     return EngineResponse([source], renderer, stream=chat.stream, abort=engine.abort, on_close=release)
 
 

@@ -1,7 +1,8 @@
 """Request bodies parsed into engine calls, and engine results built into OpenAI response bodies.
 
 Every field of a request is either honored or refused: an unknown field, or a known one whose value we
-cannot honor yet (``tools``, ``response_format`` other than text, ``echo``, ...), is a 400 that names it.
+cannot honor yet (``response_format`` other than text, ``tool_choice: "required"``, ``echo``, ...), is a 400
+that names it.
 Wrong JSON types are 422. ``null`` counts as "not given" for every optional field.
 
 ``max_tokens`` not given means "until the context is full" for chat (OpenAI's meaning) and 16 for
@@ -46,6 +47,7 @@ class ChatRequest:
     sampling: JSON  # SamplingParams keywords, already validated
     stream: bool
     include_usage: bool
+    tools: list[JSON] | None  # shown to the model through its chat template; its calls come back as tool_calls
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,7 +187,8 @@ def parse_chat_request(body: JSON, served_id: str) -> ChatRequest:
     _refuse_unknown(body, CHAT_FIELDS)
     _check_model(body, served_id)
     messages = _parse_messages(body.get("messages"))
-    _refuse_tools_and_formats(body)
+    _refuse_formats(body)
+    tools = _parse_tools(body)
     sampling = _read_common_sampling(body)
     max_tokens, max_completion = _read_int(body, "max_tokens"), _read_int(body, "max_completion_tokens")
     if max_tokens is not None and max_completion is not None and max_tokens != max_completion:
@@ -200,7 +203,7 @@ def parse_chat_request(body: JSON, served_id: str) -> ChatRequest:
         sampling["logprobs"] = True
         sampling["top_logprobs"] = top or 0
     stream, include_usage = _read_stream(body)
-    return ChatRequest(messages, _validated(sampling), stream, include_usage)
+    return ChatRequest(messages, _validated(sampling), stream, include_usage, tools)
 
 
 def _parse_messages(value: object) -> list[JSON]:
@@ -248,22 +251,46 @@ def _flatten_parts(where: str, parts: list[object]) -> str:
     return "\n".join(texts)  # the same joining the chat templates of OpenAI-compatible servers expect
 
 
-def _refuse_tools_and_formats(body: JSON) -> None:
+def _refuse_formats(body: JSON) -> None:
     fmt = _read(body, "response_format", lambda v: isinstance(v, dict) and isinstance(v.get("type"), str),
                 'an object with a "type"')
     if fmt is not None and fmt["type"] != "text":
-        raise APIError(400, f"response_format type {fmt['type']!r} is not supported yet; only 'text'",
-                       param="response_format", code="unsupported_value")
-    tools = _read(body, "tools", lambda v: isinstance(v, list), "a list")
-    if tools:
-        raise APIError(400, "tools are not supported yet", param="tools", code="unsupported_field")
+        raise APIError(400, f"response_format type {fmt['type']!r} is not supported yet (it needs constrained "
+                       "decoding); only 'text'", param="response_format", code="unsupported_value")
+
+
+def _parse_tools(body: JSON) -> list[JSON] | None:
+    """The tools to show the model, or None. ``tool_choice``: "auto" (the default with tools) and "none" (the
+    model is not shown the tools) are honored; "required" or a named function would need constrained decoding."""
+    tools = _read(body, "tools", lambda v: isinstance(v, list), "a list of tool objects")
     choice = body.get("tool_choice")
-    if choice is not None and choice != "none":
-        raise APIError(400, f"tool_choice {json.dumps(choice)} is not supported; only 'none' (no tools)",
-                       param="tool_choice", code="unsupported_value")
-    if _read_bool(body, "parallel_tool_calls") is not None:
-        raise APIError(400, "parallel_tool_calls is only meaningful with tools, which are not supported yet",
-                       param="parallel_tool_calls", code="unsupported_field")
+    if _read_bool(body, "parallel_tool_calls") is False:
+        raise APIError(400, "parallel_tool_calls: false is not supported; the model may call several tools at once",
+                       param="parallel_tool_calls", code="unsupported_value")
+    if not tools:
+        if choice is not None and choice != "none":
+            raise APIError(400, f"tool_choice {json.dumps(choice)} needs tools", param="tool_choice",
+                           code="invalid_value")
+        return None
+    for i, tool in enumerate(tools):
+        where = f"tools[{i}]"
+        if not isinstance(tool, dict) or not isinstance(tool.get("function"), dict):
+            raise _type_error(where, tool, 'a tool object {"type": "function", "function": {...}}')
+        if tool.get("type") != "function":
+            raise APIError(400, f"{where}.type: only 'function' tools are supported", param=f"{where}.type",
+                           code="unsupported_value")
+        function = tool["function"]
+        _read(function, "name", lambda v: isinstance(v, str) and bool(v), "a non-empty string")
+        if "name" not in function:
+            raise APIError(422, f"{where}.function.name: this field is required", param=f"{where}.function.name",
+                           code="missing_field")
+        _read(function, "parameters", lambda v: isinstance(v, dict), "a JSON schema object")
+    if choice is None or choice == "auto":
+        return tools
+    if choice == "none":
+        return None
+    raise APIError(400, f"tool_choice {json.dumps(choice)} is not supported (it needs constrained decoding); "
+                   "use 'auto' or 'none'", param="tool_choice", code="unsupported_value")
 
 
 # ---- completions ------------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 Each token is one word plus a space. Chat choices first "think" (``REASONING`` as reasoning tokens), then
 answer with words from ``WORDS``: in order when greedy or unseeded, else drawn from a generator seeded by
-``seed`` and the choice index. An answer ends with "stop" after ``answer_tokens`` words, or "length" at max_tokens. Stop
+``seed`` and the choice index. Offered tools, a chat answer calls the first one in DeepSeek's format. An answer ends with "stop" after ``answer_tokens`` words, or "length" at max_tokens. Stop
 strings cut the text before them. ``token_delay`` slows each step so tests can disconnect mid-stream.
 """
 
@@ -61,6 +61,7 @@ class FakeEngine:
         self.calls: list[tuple[str, object, dict[str, object]]] = []  # (kind, messages or prompt, sampling)
         self.pages: dict[str, int] = {}  # request id -> pages held while running
         self.aborted: list[str] = []
+        self.tools_seen: list[list | None] = []
         self.finished = 0
         self.generated = 0
 
@@ -83,14 +84,14 @@ class FakeEngine:
     # -- requests ----------------------------------------------------------------------------------
     def stream(self, messages: list[dict], *, request_id: str | None = None, tools: list | None = None,
                **sampling: object) -> AsyncIterator[ksdk.StreamEvent]:
-        if tools is not None:
-            raise ksdk.InvalidRequestError("tools: the fake engine has none")
         for m in messages:
             if m.get("role") not in ROLES:
                 raise ksdk.InvalidRequestError(f"role {m.get('role')!r} is not one of {sorted(ROLES)}")
         prompt_tokens = sum(2 + len(str(m.get("content") or "").split()) for m in messages)
         self.calls.append(("chat", [dict(m) for m in messages], sampling))  # a copy: callers reuse lists
-        return self._run(request_id, prompt_tokens, sampling, reasoning=True)
+        self.tools_seen.append(tools)
+        answer = tool_call_pieces(tools[0]["function"]["name"]) if tools else None
+        return self._run(request_id, prompt_tokens, sampling, reasoning=True, answer=answer)
 
     def generate(self, prompt: str | list[int], *, request_id: str | None = None,
                  **sampling: object) -> AsyncIterator[ksdk.StreamEvent]:
@@ -112,7 +113,7 @@ class FakeEngine:
 
     # -- internals ---------------------------------------------------------------------------------
     async def _run(self, request_id: str | None, prompt_tokens: int, sampling: dict[str, object],
-                   reasoning: bool) -> AsyncIterator[ksdk.StreamEvent]:
+                   reasoning: bool, answer: list[str] | None = None) -> AsyncIterator[ksdk.StreamEvent]:
         if self.state is not FakeState.RUNNING:
             raise ksdk.EngineClosedError(f"the engine is {self.state.value}")
         params = ksdk.SamplingParams.from_kwargs(**sampling)
@@ -124,7 +125,7 @@ class FakeEngine:
         rid = request_id or uuid.uuid4().hex
         self.pages[rid] = params.n * 2
         limit = params.max_tokens or self.max_model_len - prompt_tokens
-        choices = [self._choice(params, i, reasoning, limit) for i in range(params.n)]
+        choices = [self._choice(params, i, reasoning, limit, answer) for i in range(params.n)]
         try:
             step = 0
             while any(step < len(c) for c in choices):
@@ -146,15 +147,17 @@ class FakeEngine:
         finally:
             self.pages.pop(rid, None)  # closing the stream early frees the pages, as the real engine does
 
-    def _choice(self, params: ksdk.SamplingParams, index: int, reasoning: bool,
-                limit: int) -> list[ksdk.StreamEvent]:
+    def _choice(self, params: ksdk.SamplingParams, index: int, reasoning: bool, limit: int,
+                answer: list[str] | None) -> list[ksdk.StreamEvent]:
         """One choice's events, one per token, the last one carrying finish_reason."""
-        if params.greedy or params.seed is None:
-            words = [WORDS[k % len(WORDS)] for k in range(self.answer_tokens)]
-        else:
-            rng = random.Random(params.seed * 100 + index)
-            words = [rng.choice(WORDS) for _ in range(self.answer_tokens)]
-        pieces = [(w + " ", True) for w in (REASONING if reasoning else ())] + [(w + " ", False) for w in words]
+        if answer is None:
+            if params.greedy or params.seed is None:
+                words = [WORDS[k % len(WORDS)] for k in range(self.answer_tokens)]
+            else:
+                rng = random.Random(params.seed * 100 + index)
+                words = [rng.choice(WORDS) for _ in range(self.answer_tokens)]
+            answer = [w + " " for w in words]
+        pieces = [(w + " ", True) for w in (REASONING if reasoning else ())] + [(p, False) for p in answer]
         events, answer, finish, stop_reason = [], "", "stop", None
         for k, (piece, is_reasoning) in enumerate(pieces[:limit]):
             text = ""
@@ -189,3 +192,9 @@ class FakeEngine:
 def _first_stop(text: str, stops: tuple[str, ...]) -> tuple[int, str] | None:
     hits = [(text.find(s), s) for s in stops if s in text]
     return min(hits) if hits else None
+
+
+def tool_call_pieces(name: str) -> list[str]:
+    """An answer that calls ``name`` in DeepSeek-V3/R1's format, one token per piece (markers are tokens)."""
+    return ["Let me check. ", "<｜tool▁calls▁begin｜>", "<｜tool▁call▁begin｜>", "function", "<｜tool▁sep｜>",
+            name, "\n```json\n", '{"city": ', '"Paris"}', "\n```", "<｜tool▁call▁end｜>", "<｜tool▁calls▁end｜>"]

@@ -101,6 +101,10 @@ async def test_body_too_large_is_413(engine: FakeEngine) -> None:
     (json.dumps(chat(messages="hi")).encode(), "messages"),
     (json.dumps(chat(messages=[{"role": 1, "content": "a"}])).encode(), "messages[0].role"),
     (json.dumps(chat(messages=[{"role": "user", "content": 5}])).encode(), "messages[0].content"),
+    (json.dumps(chat(tools=[{"type": "function"}])).encode(), "tools[0]"),
+    (json.dumps(chat(tools=[{"type": "function", "function": {}}])).encode(), "tools[0].function.name"),
+    (json.dumps(chat(tools=[{"type": "function", "function": {"name": "f", "parameters": []}}])).encode(),
+     "parameters"),
 ])
 async def test_bad_json_or_types_are_422(http: httpx.AsyncClient, body: bytes, param: str | None) -> None:
     r = await http.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
@@ -113,8 +117,12 @@ async def test_bad_json_or_types_are_422(http: httpx.AsyncClient, body: bytes, p
     ({"n": 0}, "n", "invalid_value"),
     ({"top_logprobs": 3}, "top_logprobs", "invalid_value"),
     ({"logprobs": True, "top_logprobs": 50}, "top_logprobs", "invalid_value"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "unsupported_field"),
-    ({"tool_choice": "auto"}, "tool_choice", "unsupported_value"),
+    ({"tools": [{"type": "retrieval", "function": {"name": "f"}}]}, "tools[0].type", "unsupported_value"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required"}, "tool_choice",
+     "unsupported_value"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}], "parallel_tool_calls": False},
+     "parallel_tool_calls", "unsupported_value"),
+    ({"tool_choice": "auto"}, "tool_choice", "invalid_value"),
     ({"response_format": {"type": "json_object"}}, "response_format", "unsupported_value"),
     ({"logit_bias": {"5": 1}}, "logit_bias", "unsupported_field"),
     ({"store": True}, "store", "unsupported_value"),
