@@ -29,13 +29,13 @@ class FakeConfig:
 class FakeModel:
     kv_cache_dim = 4
     kv_dtype = torch.float32
-    device = torch.device("cpu")
 
-    def __init__(self, seed: int = 0) -> None:
+    def __init__(self, seed: int = 0, device: str = "cpu") -> None:
         self.config = FakeConfig()
+        self.device = torch.device(device)
         g = torch.Generator().manual_seed(seed)
-        self.embed = torch.randint(0, 10, (VOCAB, self.kv_cache_dim), generator=g).float()  # [V, D]
-        self.head = torch.randint(0, 10, (self.kv_cache_dim, VOCAB), generator=g).double()  # [D, V]
+        self.embed = torch.randint(0, 10, (VOCAB, self.kv_cache_dim), generator=g).float().to(device)  # [V, D]
+        self.head = torch.randint(0, 10, (self.kv_cache_dim, VOCAB), generator=g).double().to(device)  # [D, V]
         self.forward_calls = 0
         self.fail_on_token: int | None = None  # a prompt containing it makes forward raise
 
@@ -51,7 +51,7 @@ class FakeModel:
         for i, n in enumerate(meta.seq_lens_host):
             pages = meta.page_table[i, : -(-n // ps)].long()
             hist = torch.stack([c[pages].reshape(-1, self.kv_cache_dim)[:n] for c in kv_cache])  # [L, n, D]
-            weights = torch.arange(1, n + 1, dtype=torch.float32)[None, :, None]
+            weights = torch.arange(1, n + 1, dtype=torch.float32, device=self.device)[None, :, None]
             summary = (hist * weights).sum(dim=(0, 1)).double()  # [D], exact integers
             rows.append((summary @ self.head) % 97 / 10.0)  # [V]
         logits = torch.stack(rows).float()  # [B, V]
