@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
+from typing import Any
 
 __all__ = ["CONTENT_TYPE", "render_metrics"]
 
@@ -30,11 +31,11 @@ def _labels(**labels: str) -> str:
     return "{" + ",".join(f'{k}="{escape(v)}"' for k, v in labels.items()) + "}"
 
 
-def render_metrics(stats: object, model_id: str, in_flight: int, rejected: Mapping[str, int]) -> str:
+def render_metrics(stats: Any, model_id: str, in_flight: int, rejected: Mapping[str, int]) -> str:
     """``stats`` is an EngineStats (a dataclass); each numeric field becomes ``ksdk_<field>``."""
     label = _labels(model=model_id)
     lines: list[str] = []
-    for field in dataclasses.fields(stats):  # type: ignore[arg-type]
+    for field in dataclasses.fields(stats):
         value = getattr(stats, field.name)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             continue

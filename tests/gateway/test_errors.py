@@ -12,7 +12,7 @@ import pytest
 
 import gateway
 from tests.gateway.fake_engine import FakeEngine, FakeState
-from tests.gateway.test_disconnect import scope
+from tests.gateway.asgi_client import scope
 
 pytestmark = pytest.mark.anyio
 

@@ -17,7 +17,7 @@ import gateway
 from ksdk.engine import Engine  # the lead exports it as ksdk.Engine; this import works before and after
 from ksdk.testing import tiny_gguf
 from tests.gateway.serving import uvicorn_in_loop
-from tests.gateway.test_disconnect import Client, scope
+from tests.gateway.asgi_client import Client, scope
 
 pytestmark = pytest.mark.anyio
 
