@@ -46,7 +46,7 @@ class Engine:
                  chat_template: Any = None, make_detokenizer: Callable[[], Detokenizer] | None = None,
                  make_reasoning_parser: Callable[[str], ReasoningSplitter] | None = None,
                  available_bytes: int | None = None) -> None:
-        """``tokenizer`` follows ``ksdk.tokenizer.Tokenizer`` (encode, token_text, eos_token_id);
+        """``tokenizer`` follows ``ksdk.tokenizer.Tokenizer`` (encode, decode, eos_token_id, add_bos);
         ``make_detokenizer`` defaults to ``ksdk.tokenizer.IncrementalDetokenizer``; ``chat_template``
         (``ksdk.chat.ChatTemplate``) is needed for :meth:`stream`/:meth:`chat` only;
         ``make_reasoning_parser(rendered_prompt)`` splits chat output into reasoning and answer."""

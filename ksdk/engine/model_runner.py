@@ -48,8 +48,8 @@ class ModelRunner:
         device = self.model.device
         meta = AttentionMetadata.build(list(batch.num_new_tokens), seq_lens, [s.pages for s in batch.seqs],
                                        self.kv_cache.plan.page_size, device)
-        ids_t = torch.tensor(ids, dtype=torch.int64).to(device, non_blocking=True)  # [T]
-        pos_t = torch.tensor(positions, dtype=torch.int64).to(device, non_blocking=True)  # [T]
+        ids_t = _to_device(torch.tensor(ids, dtype=torch.int64), device)  # [T]
+        pos_t = _to_device(torch.tensor(positions, dtype=torch.int64), device)  # [T]
         start_s = time.perf_counter()
         logits = self.model.forward(ids_t, pos_t, meta, self.kv_cache.layers)  # [B, vocab]
         if logits.device.type == "cuda":
@@ -58,3 +58,10 @@ class ModelRunner:
         if len(sample_rows) == len(batch.seqs):
             return logits
         return logits[torch.tensor(sample_rows, dtype=torch.int64, device=logits.device)]
+
+
+def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy without stalling the host: pinned memory makes ``non_blocking`` real on CUDA."""
+    if torch.device(device).type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)

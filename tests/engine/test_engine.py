@@ -230,8 +230,6 @@ async def test_request_errors_are_clear() -> None:
         with pytest.raises(InvalidRequestError):
             engine.stream([{"content": "no role"}])
         long = engine.generate("abc", max_tokens=50, ignore_eos=True)
-        with pytest.raises(EngineBusyError):  # not admitted yet: it is the one waiting request
-            engine.generate("abd")
         with anyio.fail_after(5):
             while engine.stats().running != 1:
                 await anyio.sleep(0.005)
@@ -264,9 +262,9 @@ async def test_a_failing_request_fails_alone() -> None:
 
 
 async def test_closing_ends_running_streams_and_the_thread() -> None:
-    engine = make_engine(**SMALL)
+    engine = make_engine(max_model_len=256, page_size=16)
     async with engine:
-        stream = engine.generate("abc", max_tokens=60, ignore_eos=True)
+        stream = engine.generate("abc", max_tokens=250, ignore_eos=True)
         await stream.__anext__()
     events = await _drain(stream)
     assert events[-1].finish_reason == "abort" and not engine_threads()
