@@ -13,7 +13,9 @@ from ksdk.layers.mla import MLAttention
 from ksdk.layers.moe import MoE, Router, RoutedExperts, TorchExperts
 from ksdk.layers.norm import RMSNorm
 from ksdk.layers.rotary import RotaryEmbedding
+from ksdk.errors import UnsupportedQuantError
 from ksdk.models.config import ModelConfig
+from ksdk.weights.quants import SUPPORTED_QTYPES
 
 if TYPE_CHECKING:
     from ksdk.weights.gguf_file import GGUFFile
@@ -65,6 +67,7 @@ class DeepseekForCausalLM(torch.nn.Module):
                   kv_dtype: torch.dtype | None = None, experts: str = "torch") -> DeepseekForCausalLM:
         """Build from an open GGUF file. ``experts``: "torch" (dequantize touched experts) or "native"."""
         config = ModelConfig.from_gguf(gguf.metadata)
+        _check_qtypes(gguf)
         device = torch.device(device)
 
         def dense(name: str) -> torch.Tensor:
@@ -84,6 +87,14 @@ class DeepseekForCausalLM(torch.nn.Module):
         head = "output.weight" if gguf.has("output.weight") else "token_embd.weight"  # tied embeddings
         return cls(config, Embedding(gguf.tensor("token_embd.weight"), device, dtype), layers,
                    norm("output_norm.weight"), linear(head), device, kv_dtype or dtype)
+
+
+def _check_qtypes(gguf: GGUFFile) -> None:
+    """Refuse at load, not at the first forward that touches an expert, any tensor type without a kernel."""
+    for name in gguf.tensor_names:
+        qtype = gguf.tensor(name).qtype
+        if qtype not in SUPPORTED_QTYPES:
+            raise UnsupportedQuantError(name, qtype.name, sorted(q.name for q in SUPPORTED_QTYPES))
 
 
 def _attention(config: ModelConfig, gguf: GGUFFile, i: int, linear, norm, dense) -> MLAttention:  # noqa: ANN001
