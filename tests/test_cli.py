@@ -110,3 +110,39 @@ def test_generate_on_the_tiny_model_shows_loading_progress(capsys: pytest.Captur
 def test_errors_are_reported_with_exit_code_2(fake: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
     assert ksdk.cli.main(["generate", "m.gguf", "x", "--max-tokens", "100000", "--quiet"]) == 2
     assert "ksdk: error:" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_ksdk_serve_in_a_subprocess() -> None:
+    import socket
+    import time
+
+    import openai
+
+    with socket.socket() as s:  # a free port (released for the server a moment later)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "ksdk", "serve", str(tiny_gguf()), "--port", str(port),
+                               "--model-name", "tiny", "--api-key", "k", "--quiet"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, server.stdout.read() if server.stdout else ""
+            assert time.monotonic() < deadline, "ksdk serve did not become healthy in 120 s"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        client = openai.OpenAI(api_key="k", base_url=f"http://127.0.0.1:{port}/v1", max_retries=0, timeout=30)
+        assert [m.id for m in client.models.list().data] == ["tiny"]
+        reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                               max_tokens=3)
+        assert reply.usage is not None and reply.usage.completion_tokens == 3
+    finally:
+        server.terminate()
+        output, _ = server.communicate(timeout=30)
+    # uvicorn shuts down gracefully on SIGTERM (closing the engine), then re-raises the signal
+    assert server.returncode in (0, -15) and "Traceback" not in output, output
