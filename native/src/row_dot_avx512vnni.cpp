@@ -1,4 +1,5 @@
-// AVX512-VNNI kernels (Cascade Lake, Sapphire Rapids, Zen 4): 256-bit VNNI ops (AVX512VL encoding).
+// AVX512-VNNI kernels (Cascade Lake, Sapphire Rapids, Zen 4): k-quants in 512-bit vectors (vpdpwssd),
+// Q8_0 with 256-bit vpdpbusd (AVX512VL encoding), BF16/F16 as in the AVX2 file.
 #pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")
 // GCC 12's _mm512_inserti64x4 passes _mm512_undefined_epi32() and trips this warning (false positive).
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
