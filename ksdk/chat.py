@@ -13,6 +13,7 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import jinja2
+import jinja2.meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from ksdk.errors import InvalidRequestError, ModelFileError
@@ -101,6 +102,8 @@ class ChatTemplate:
         env.globals["strftime_now"] = _strftime_now
         try:
             self._template = env.from_string(source)
+            # Templates that never read `tools` would drop them silently: such models get no tools at all.
+            self.reads_tools = "tools" in jinja2.meta.find_undeclared_variables(env.parse(source))
         except jinja2.TemplateError as exc:
             raise InvalidRequestError(f"chat template does not compile: {exc}") from exc
         self.source = source
@@ -125,6 +128,9 @@ class ChatTemplate:
         **extra: Any,
     ) -> str:
         """The prompt text for ``messages``. Extra keywords reach the template as variables."""
+        if tools and not self.reads_tools:
+            raise InvalidRequestError("tools: this model's chat template does not describe tools to the model, "
+                                      "so tool calling is not supported for it")
         context = {
             **extra,
             "messages": _normalize_messages(messages),

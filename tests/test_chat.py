@@ -174,3 +174,14 @@ def test_split_reasoning_whole_texts() -> None:
     assert split_reasoning("ends in </thi", True) == ("ends in </thi", "")
     assert split_reasoning("a</think>b</think>", True) == ("a", "b</think>")
     assert split_reasoning("", True) == ("", "")
+
+
+def test_tools_with_a_template_that_ignores_them_are_refused() -> None:
+    from ksdk.chat import ChatTemplate, deepseek_r1_chat_template
+
+    r1 = ChatTemplate(deepseek_r1_chat_template(), bos_token="<s>", eos_token="</s>")
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    with pytest.raises(InvalidRequestError, match="tools"):
+        r1.render([{"role": "user", "content": "hi"}], tools=tools)
+    reading = ChatTemplate("{{ tools | length }}", bos_token="<s>", eos_token="</s>")
+    assert reading.render([{"role": "user", "content": "hi"}], tools=tools) == "1"

@@ -143,8 +143,6 @@ async def test_through_uvicorn(engine: Engine) -> None:
     assert engine.state.name == "RUNNING"  # the app did not own the engine: still running
 
 
-@pytest.mark.xfail(strict=True, reason="ksdk.chat: DeepSeek-R1's template never reads `tools`, so render() drops "
-                   "them silently; it should describe them to the model or raise InvalidRequestError (a 400 here)")
 async def test_tools_reach_the_chat_template(client: openai.AsyncOpenAI) -> None:
     tools = [{"type": "function", "function": {"name": "get_weather", "description": "the weather in a city",
                                                "parameters": {"type": "object",
