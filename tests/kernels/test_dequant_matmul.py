@@ -1,0 +1,97 @@
+"""dequant_matmul against its torch reference, for every kernel quant type, on both the GEMV and GEMM paths."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf.constants import GGMLQuantizationType as Q
+
+from ksdk.kernels.dequant_matmul import GEMV_MAX_M, KERNEL_QTYPES, dequant_matmul, dequant_matmul_reference
+from ksdk.weights.quantize import quantize
+from ksdk.weights.quants import bytes_per_row
+
+# Offsets of each block's f16 scale fields: random bytes there could decode to inf or nan.
+_F16_FIELDS = {Q.Q8_0: (0,), Q.Q5_0: (0,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,)}
+_BLOCK_BYTES = {Q.Q8_0: 34, Q.Q5_0: 22, Q.Q4_K: 144, Q.Q5_K: 176, Q.Q6_K: 210}
+
+
+def random_rows(qtype: Q, rows: int, cols: int, seed: int = 0) -> torch.Tensor:
+    """[rows, bytes_per_row] uint8: random bytes (every bit pattern of quants and packed scales) with sane f16 scales."""
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, (rows, bytes_per_row(qtype, cols)), dtype=np.uint8)
+    blocks = raw.reshape(-1, _BLOCK_BYTES[qtype])
+    for offset in _F16_FIELDS[qtype]:
+        d = rng.uniform(-1e-2, 1e-2, blocks.shape[0]).astype(np.float16)
+        blocks[:, offset : offset + 2] = d.view(np.uint8).reshape(-1, 2)
+    return torch.from_numpy(raw)
+
+
+def quantized_rows(qtype: Q, rows: int, cols: int, seed: int = 0) -> torch.Tensor:
+    """[rows, bytes_per_row] uint8 from our quantizer on normal weights: the blocks real files hold."""
+    w = np.random.default_rng(seed).standard_normal((rows, cols)).astype(np.float32) * 0.05
+    return torch.from_numpy(quantize(w, qtype).reshape(rows, -1))
+
+
+# (M, N, K): M <= GEMV_MAX_M takes the GEMV kernel, above the GEMM kernel; N and M not tile multiples.
+SHAPES = [(1, 48, 512), (3, 32, 256), (GEMV_MAX_M + 9, 80, 256)]
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 4e-3}  # relative to max |y|
+
+
+def _close(y: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    err = (y.float() - ref.float()).abs().max().item()
+    scale = ref.float().abs().max().item()
+    assert err <= TOLERANCE[dtype] * scale, f"max error {err} vs max |y| {scale}"
+
+
+@pytest.mark.parametrize("qtype", KERNEL_QTYPES, ids=lambda q: q.name)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_random_blocks_fp32(qtype: Q, shape: tuple[int, int, int], device: torch.device) -> None:
+    M, N, K = shape
+    w = random_rows(qtype, N, K, seed=M).to(device)
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(K)).to(device)
+    _close(dequant_matmul(x, w, qtype, K), dequant_matmul_reference(x, w, qtype, K), torch.float32)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q6_K, Q.Q8_0], ids=lambda q: q.name)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("M", [2, GEMV_MAX_M + 1])
+def test_quantized_weights_half_activations(qtype: Q, dtype: torch.dtype, M: int, device: torch.device) -> None:
+    N, K = 40, 256
+    w = quantized_rows(qtype, N, K).to(device)
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)).to(device, dtype)
+    y = dequant_matmul(x, w, qtype, K)
+    assert y.dtype == dtype and y.shape == (M, N)
+    _close(y, dequant_matmul_reference(x, w, qtype, K), dtype)
+
+
+def test_split_k_equals_one_split(device: torch.device) -> None:
+    M, N, K = 2, 32, 1024
+    w = random_rows(Q.Q4_K, N, K).to(device)
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(0)).to(device)
+    whole = dequant_matmul(x, w, Q.Q4_K, K, split_k=1)
+    torch.testing.assert_close(dequant_matmul(x, w, Q.Q4_K, K, split_k=3), whole, rtol=1e-5, atol=1e-5)
+    _close(whole, dequant_matmul_reference(x, w, Q.Q4_K, K), torch.float32)
+
+
+def test_strided_rows_of_x(device: torch.device) -> None:
+    K = 256
+    w = random_rows(Q.Q8_0, 32, K).to(device)
+    x = torch.randn(3, 2 * K).to(device)[:, :K]  # row stride 2K
+    _close(dequant_matmul(x, w, Q.Q8_0, K), dequant_matmul_reference(x, w, Q.Q8_0, K), torch.float32)
+
+
+@pytest.mark.parametrize(
+    ("x", "w", "qtype", "match"),
+    [
+        (torch.zeros(2, 256), torch.zeros(4, 144, dtype=torch.uint8), Q.Q2_K, "Q2_K has no kernel"),
+        (torch.zeros(2, 256, dtype=torch.int32), torch.zeros(4, 144, dtype=torch.uint8), Q.Q4_K, "x is torch.int32"),
+        (torch.zeros(2, 128), torch.zeros(4, 144, dtype=torch.uint8), Q.Q4_K, r"expected \[M, 256\]"),
+        (torch.zeros(2, 256).T.contiguous().T, torch.zeros(4, 144, dtype=torch.uint8), Q.Q4_K, "unit stride"),
+        (torch.zeros(2, 256), torch.zeros(4, 140, dtype=torch.uint8), Q.Q4_K, r"expected uint8 \[N, 144\]"),
+        (torch.zeros(2, 256), torch.zeros(4, 144, dtype=torch.int8), Q.Q4_K, "w_raw is torch.int8"),
+    ],
+)
+def test_launcher_rejects_bad_inputs(x: torch.Tensor, w: torch.Tensor, qtype: Q, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        dequant_matmul(x, w, qtype, 256)
