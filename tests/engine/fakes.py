@@ -37,12 +37,12 @@ class FakeModel:
         self.embed = torch.randint(0, 10, (VOCAB, self.kv_cache_dim), generator=g).float().to(device)  # [V, D]
         self.head = torch.randint(0, 10, (self.kv_cache_dim, VOCAB), generator=g).double().to(device)  # [D, V]
         self.forward_calls = 0
-        self.fail_on_token: int | None = None  # a prompt containing it makes forward raise
+        self.fail_on_token: int | None = None  # forward raises on a batch holding it at position 1
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_cache: list[torch.Tensor]) -> torch.Tensor:
         self.forward_calls += 1
-        if self.fail_on_token is not None and bool((input_ids == self.fail_on_token).any()):
+        if self.fail_on_token is not None and bool(((input_ids == self.fail_on_token) & (positions == 1)).any()):
             raise RuntimeError("fake model failure")
         latents = self.embed[input_ids] * (positions % 5 + 1)[:, None].float()  # [T, D]
         for layer, cache in enumerate(kv_cache):

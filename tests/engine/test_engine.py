@@ -244,7 +244,7 @@ async def test_request_errors_are_clear() -> None:
 
 async def test_a_failing_request_fails_alone() -> None:
     model = FakeModel()
-    model.fail_on_token = 2 + CHARS.index("z")
+    model.fail_on_token = 2 + CHARS.index("x")  # the first prompt token of "xyz" only
     async with make_engine(model, **SMALL) as engine:
         results: dict[str, object] = {}
 
