@@ -8,6 +8,7 @@ slot or prefix-cache bug changes its outputs. All arithmetic is exact, so it is 
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import torch
 
@@ -38,10 +39,12 @@ class FakeModel:
         self.head = torch.randint(0, 10, (self.kv_cache_dim, VOCAB), generator=g).double().to(device)  # [D, V]
         self.forward_calls = 0
         self.fail_on_token: int | None = None  # forward raises on a batch holding it at position 1
+        self.delay_s = 0.0  # a slow forward, as a big model's
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_cache: list[torch.Tensor]) -> torch.Tensor:
         self.forward_calls += 1
+        time.sleep(self.delay_s)
         if self.fail_on_token is not None and bool(((input_ids == self.fail_on_token) & (positions == 1)).any()):
             raise RuntimeError("fake model failure")
         latents = self.embed[input_ids] * (positions % 5 + 1)[:, None].float()  # [T, D]

@@ -272,3 +272,26 @@ async def test_closing_ends_running_streams_and_the_thread() -> None:
 
 async def _drain(stream):  # noqa: ANN001, ANN202
     return [ev async for ev in stream]
+
+
+async def test_the_event_loop_stays_responsive_while_the_model_runs() -> None:
+    model = FakeModel()
+    model.delay_s = 0.05  # 50 ms per step
+    gaps: list[float] = []
+    async with make_engine(model, **SMALL) as engine:
+        stream = engine.generate("abc", max_tokens=6, ignore_eos=True)
+        async with anyio.create_task_group() as tg:
+
+            async def tick() -> None:
+                last = anyio.current_time()
+                while True:
+                    await anyio.sleep(0.002)
+                    now = anyio.current_time()
+                    gaps.append(now - last)
+                    last = now
+
+            tg.start_soon(tick)
+            events = await _drain(stream)
+            tg.cancel_scope.cancel()
+    assert events[-1].finish_reason == "length" and len(gaps) > 20
+    assert max(gaps) < 0.04  # never stalled for a whole step
