@@ -1,31 +1,29 @@
 """A GGUF model on disk (one file, a split set, or a folder holding either) with memmapped tensor views.
 
-Built on ``gguf.GGUFReader``: metadata values are converted to plain Python on first access, and tensor
-bytes are never copied: a :class:`TensorView` is a read-only numpy view into the file mapping.
+Each part is mapped once, read-only; its header is parsed by :mod:`ksdk.weights.gguf_header` into plain
+Python metadata, and tensor bytes are never copied: a :class:`TensorView` is a numpy view into the mapping.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from math import prod
 from pathlib import Path
-from types import TracebackType
+from types import MappingProxyType, TracebackType
 from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGUFReader
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, Keys
-from gguf.gguf_reader import ReaderField, ReaderTensor
+from gguf.constants import GGMLQuantizationType, Keys
 
 from ksdk.errors import ModelFileError, UnsupportedModelError
+from ksdk.weights.gguf_header import GGUF_MAGIC, GGUFHeader, TensorInfo, read_header
 from ksdk.weights.quants import dequantize
 
 __all__ = ["GGUFFile", "TensorView", "require_architecture", "split_paths"]
 
-_GGUF_MAGIC = b"GGUF"
 _SPLIT_NAME = re.compile(r"^(?P<stem>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.gguf$")
 _SPLIT_PREFIX = "split."
 
@@ -102,82 +100,37 @@ def _model_in_folder(folder: Path) -> Path:
 
 
 def _check_magic(path: Path) -> None:
+    # before mapping: an empty file cannot be mapped, and a short one deserves "not GGUF", not "truncated"
     try:
         with path.open("rb") as fh:
             head = fh.read(4)
     except OSError as exc:
         raise ModelFileError(f"cannot read model file {path}: {exc.strerror or exc}") from exc
-    if head != _GGUF_MAGIC:
+    if head != GGUF_MAGIC:
         found = "an empty file" if not head else f"it starts with {head!r}"
-        raise ModelFileError(f"{path} is not a GGUF file: {found}, expected magic {_GGUF_MAGIC!r}")
+        raise ModelFileError(f"{path} is not a GGUF file: {found}, expected magic {GGUF_MAGIC!r}")
 
 
-class _CheckedReader(GGUFReader):
-    """GGUFReader that checks every tensor's byte range against the file size before viewing it.
+@dataclass(frozen=True)
+class _Part:
+    """One file of the model: its parsed header and its read-only mapping."""
 
-    The base reader slices the memmap first, so data past the end surfaces as a numpy reshape error."""
+    path: Path
+    header: GGUFHeader
+    file_bytes: np.memmap
 
-    def __init__(self, path: Path) -> None:
-        self.source_path = path
-        super().__init__(path, "r")
+    @classmethod
+    def open(cls, path: Path) -> _Part:
+        _check_magic(path)
+        try:
+            file_bytes = np.memmap(path, dtype=np.uint8, mode="r")
+        except OSError as exc:
+            raise ModelFileError(f"cannot read model file {path}: {exc.strerror or exc}") from exc
+        return cls(path, read_header(path, file_bytes), file_bytes)
 
-    def _build_tensors(self, start_offs: int, fields: list[ReaderField]) -> None:
-        size = len(self.data)
-        for f in fields:
-            _, name, _, dims, raw_type, offset = f.parts
-            block, nbytes_per_block = GGML_QUANT_SIZES[GGMLQuantizationType(int(raw_type[0]))]
-            begin = start_offs + int(offset[0])
-            end = begin + prod(int(d) for d in dims) // block * nbytes_per_block
-            if end > size:
-                raise ModelFileError(
-                    f"{self.source_path} is truncated: tensor {bytes(name).decode(errors='replace')!r} "
-                    f"needs bytes {begin}..{end}, the file has {size} bytes"
-                )
-        super()._build_tensors(start_offs, fields)
-
-
-def _open_reader(path: Path) -> GGUFReader:
-    _check_magic(path)
-    try:
-        reader = _CheckedReader(path)
-    except OSError as exc:
-        raise ModelFileError(f"cannot read model file {path}: {exc.strerror or exc}") from exc
-    except (ValueError, IndexError, KeyError, TypeError, OverflowError) as exc:
-        # the reader slices a memmap: a header cut short surfaces as short or misshapen arrays
-        size = path.stat().st_size
-        raise ModelFileError(
-            f"{path} is a truncated or corrupt GGUF file: its header (metadata or tensor table) "
-            f"could not be read from its {size} bytes ({type(exc).__name__}: {exc})"
-        ) from exc
-    if reader.byte_order != "I":
-        # tensor bytes would need swapping; every decoder here reads little-endian blocks
-        raise UnsupportedModelError(f"{path} is a big-endian GGUF file; ksdk reads little-endian files only")
-    return reader
-
-
-class _Metadata(Mapping[str, Any]):
-    """Key/value metadata of all parts, converted to plain Python values when first read."""
-
-    def __init__(self, fields: dict[str, ReaderField]) -> None:
-        self._fields = fields
-        self._values: dict[str, Any] = {}
-
-    def __getitem__(self, key: str) -> Any:
-        if key not in self._values:
-            self._values[key] = self._fields[key].contents()
-        return self._values[key]
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._fields  # without converting the value (token lists are large)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._fields)
-
-    def __len__(self) -> int:
-        return len(self._fields)
-
-    def __repr__(self) -> str:
-        return f"<GGUF metadata: {len(self)} keys>"
+    def tensor_bytes(self, info: TensorInfo) -> np.memmap:
+        begin = self.header.data_offset + info.offset
+        return self.file_bytes[begin : begin + info.nbytes]
 
 
 class GGUFFile:
@@ -187,23 +140,21 @@ class GGUFFile:
     close (they keep their mapping alive).
     """
 
-    def __init__(self, path: Path, parts: list[Path], readers: list[GGUFReader]) -> None:
-        self.path = path
-        self.parts = tuple(parts)
-        self._readers = readers
-        fields: dict[str, ReaderField] = {}
-        self._tensors: dict[str, ReaderTensor] = {}
-        for part, reader in zip(parts, readers):
-            for key, f in reader.fields.items():
-                # GGUF.* are the reader's header pseudo-fields; split.* is per-part bookkeeping
-                if key.startswith(("GGUF.", _SPLIT_PREFIX)):
-                    continue
-                fields.setdefault(key, f)
-            for tensor in reader.tensors:
-                if tensor.name in self._tensors:
-                    raise ModelFileError(f"tensor {tensor.name!r} appears twice in the split set (again in {part})")
-                self._tensors[tensor.name] = tensor
-        self.metadata: Mapping[str, Any] = _Metadata(fields)
+    def __init__(self, parts: list[_Part]) -> None:
+        self.path = parts[0].path
+        self.parts = tuple(p.path for p in parts)
+        self._files = parts
+        metadata: dict[str, Any] = {}
+        self._tensors: dict[str, tuple[_Part, TensorInfo]] = {}
+        for part in parts:
+            for key, value in part.header.metadata.items():
+                if not key.startswith(_SPLIT_PREFIX):  # split.* is per-part bookkeeping
+                    metadata.setdefault(key, value)
+            for info in part.header.tensors:
+                if info.name in self._tensors:
+                    raise ModelFileError(f"tensor {info.name!r} appears twice in the split set (again in {part.path})")
+                self._tensors[info.name] = (part, info)
+        self.metadata: Mapping[str, Any] = MappingProxyType(metadata)
         self._closed = False
         self._check_split_counts()
 
@@ -215,22 +166,19 @@ class GGUFFile:
         if not given.exists():
             raise ModelFileError(f"model path {given} does not exist")
         target = _model_in_folder(given) if given.is_dir() else given
-        parts = split_paths(target)
-        readers = [_open_reader(p) for p in parts]
-        return cls(parts[0], parts, readers)
+        return cls([_Part.open(p) for p in split_paths(target)])
 
     def _check_split_counts(self) -> None:
-        first = self._readers[0]
-        count_field = first.get_field(Keys.Split.LLM_KV_SPLIT_COUNT)
-        if count_field is not None and int(count_field.contents()) != len(self.parts):
+        first = self._files[0].header.metadata
+        count = first.get(Keys.Split.LLM_KV_SPLIT_COUNT)
+        if count is not None and count != len(self.parts):
             raise ModelFileError(
-                f"{self.path} says {Keys.Split.LLM_KV_SPLIT_COUNT} = {count_field.contents()}, "
-                f"but {len(self.parts)} part(s) were found"
+                f"{self.path} says {Keys.Split.LLM_KV_SPLIT_COUNT} = {count}, but {len(self.parts)} part(s) were found"
             )
-        tensors_field = first.get_field(Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT)
-        if tensors_field is not None and int(tensors_field.contents()) != len(self._tensors):
+        n_tensors = first.get(Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT)
+        if n_tensors is not None and n_tensors != len(self._tensors):
             raise ModelFileError(
-                f"{self.path} says {Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT} = {tensors_field.contents()}, "
+                f"{self.path} says {Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT} = {n_tensors}, "
                 f"but the parts hold {len(self._tensors)} tensors"
             )
 
@@ -259,22 +207,20 @@ class GGUFFile:
         """The named tensor as a zero-copy view; ModelFileError naming it if it is absent."""
         if self._closed:
             raise ModelFileError(f"{self.path} is closed")
-        tensor = self._tensors.get(name)
-        if tensor is None:
+        found = self._tensors.get(name)
+        if found is None:
             raise ModelFileError(f"{self.path} has no tensor {name!r}")
-        shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
-        data = tensor.data
-        # float tensors come typed from the reader; expose every type as bytes per row
-        raw = data.view(np.uint8) if data.dtype != np.uint8 else data
-        raw = raw.reshape(*shape[:-1], -1)
-        return TensorView(name, GGMLQuantizationType(tensor.tensor_type), shape, raw)
+        part, info = found
+        shape = info.shape
+        raw = part.tensor_bytes(info).reshape(*shape[:-1], -1)  # bytes per row, whatever the type
+        return TensorView(name, info.qtype, shape, raw)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
     def close(self) -> None:
         """Drop the file mappings (views already handed out keep theirs)."""
         self._closed = True
-        self._readers = []
+        self._files = []
         self._tensors = {}
 
     def __enter__(self) -> GGUFFile:
