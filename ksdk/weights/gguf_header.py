@@ -54,6 +54,8 @@ _SCALAR_DTYPES: dict[GGUFValueType, np.dtype[Any]] = {
 # the fewest bytes a kv pair / a tensor info can take: bounds counts read from a corrupt header
 _MIN_KV_BYTES = 8 + 4 + 1
 _MIN_TENSOR_INFO_BYTES = 8 + 4 + 4 + 8
+# real files nest two deep at most; the bound keeps a corrupt header from exhausting the stack
+_MAX_ARRAY_DEPTH = 16
 
 
 @dataclass(frozen=True)
@@ -123,7 +125,8 @@ class _HeaderReader:
         try:
             return str(self.buf[start : self.off], "utf-8")
         except UnicodeDecodeError as exc:
-            raise self.corrupt(f"a string in {self.what} is not UTF-8 ({exc.reason} at byte {start + exc.start})") from exc
+            detail = f"a string in {self.what} is not UTF-8 ({exc.reason} at byte {start + exc.start})"
+            raise self.corrupt(detail) from exc
 
     def value_type(self, raw: int) -> GGUFValueType:
         try:
@@ -142,7 +145,9 @@ class _HeaderReader:
             return self.string()
         return self.array()
 
-    def array(self) -> list[Any]:
+    def array(self, depth: int = 1) -> list[Any]:
+        if depth > _MAX_ARRAY_DEPTH:
+            raise self.corrupt(f"{self.what} nests arrays more than {_MAX_ARRAY_DEPTH} deep")
         item_type = self.value_type(self.u32())
         count = self.u64()
         dtype = _SCALAR_DTYPES.get(item_type)
@@ -154,10 +159,10 @@ class _HeaderReader:
         self.need(count * 8)  # a string or a nested array takes at least 8 bytes
         if item_type == GGUFValueType.STRING:
             return self.strings(count)
-        return [self.array() for _ in range(count)]
+        return [self.array(depth + 1) for _ in range(count)]
 
     def strings(self, count: int) -> list[str]:
-        # the hot loop of a 129k-token vocabulary: locals only, one bounds check per string
+        # the hot loop of a 129k-token vocabulary: locals only, no method calls but the decode
         buf, off, size, unpack = self.buf, self.off, self.size, _U64.unpack_from
         out: list[str] = []
         append = out.append
@@ -197,7 +202,7 @@ def _read_metadata(reader: _HeaderReader, kv_count: int) -> dict[str, Any]:
 
 def _read_tensor_infos(reader: _HeaderReader, tensor_count: int) -> list[TensorInfo]:
     if tensor_count * _MIN_TENSOR_INFO_BYTES > reader.size - reader.off:
-        raise reader.corrupt(f"its header claims {tensor_count} tensors, more than its {reader.size} bytes can describe")
+        raise reader.corrupt(f"its header claims {tensor_count} tensors, more than {reader.size} bytes can describe")
     infos: list[TensorInfo] = []
     names: set[str] = set()
     for index in range(tensor_count):
@@ -258,11 +263,14 @@ def read_header(path: Path, file_bytes: np.ndarray) -> GGUFHeader:
     data_offset = -(-reader.off // alignment) * alignment
     for info in infos:
         if info.offset % alignment:
-            raise reader.corrupt(f"tensor {info.name!r} starts at data offset {info.offset}, not a multiple of {alignment}")
+            # llama.cpp refuses such files too; views of misaligned data would be slow to read
+            where = f"starts at data offset {info.offset}, not a multiple of {alignment}"
+            raise reader.corrupt(f"tensor {info.name!r} {where}")
         begin = data_offset + info.offset
         end = begin + info.nbytes
         if end > reader.size:
             raise ModelFileError(
-                f"{path} is truncated: tensor {info.name!r} needs bytes {begin}..{end}, the file has {reader.size} bytes"
+                f"{path} is truncated: tensor {info.name!r} needs bytes {begin}..{end}, "
+                f"the file has {reader.size} bytes"
             )
     return GGUFHeader(version, MappingProxyType(metadata), tuple(infos), alignment, data_offset)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -163,8 +164,8 @@ def _tensor_info(name: str, dims: tuple[int, ...], qtype: int, offset: int) -> b
 
 
 def _file(
-    tmp_path: Path, kvs: list[bytes], infos: list[bytes] = (), version: int = 3, data: bytes = b""
-) -> Path:  # type: ignore[assignment]
+    tmp_path: Path, kvs: Sequence[bytes], infos: Sequence[bytes] = (), version: int = 3, data: bytes = b""
+) -> Path:
     head = b"GGUF" + struct.pack("<IQQ", version, len(infos), len(kvs)) + b"".join(kvs) + b"".join(infos)
     path = tmp_path / "hand.gguf"
     path.write_bytes(head + b"\0" * (-len(head) % 32) + data)
@@ -172,6 +173,7 @@ def _file(
 
 
 NAME = _kv("general.name", V.STRING, _string("x"))
+ALIGN = "general.alignment"
 
 
 def test_minimal_hand_made_file(tmp_path: Path) -> None:
@@ -185,7 +187,13 @@ def test_minimal_hand_made_file(tmp_path: Path) -> None:
     ("kvs", "infos", "version", "pattern"),
     [
         ([NAME], [], 4, r"it says version 4; ksdk reads GGUF versions 2 and 3"),
-        ([_kv("k", 13, b"")], [], 3, r"the value of metadata key 'k' has value type 13, which is not a GGUF value type"),
+        (
+            [_kv("deep", V.ARRAY, struct.pack("<IQ", V.ARRAY, 1) * 20)],
+            [],
+            3,
+            r"the value of metadata key 'deep' nests arrays more than 16 deep",
+        ),
+        ([_kv("k", 13, b"")], [], 3, r"the value of metadata key 'k' has value type 13, which is not a GGUF"),
         ([NAME, NAME], [], 3, r"metadata key 'general\.name' appears twice"),
         ([_kv(b"\xff\xfe", V.UINT8, b"\0")], [], 3, r"a string in metadata key 0 of 1 is not UTF-8"),
         (
@@ -200,14 +208,15 @@ def test_minimal_hand_made_file(tmp_path: Path) -> None:
             3,
             r"its header ends at byte \d+ while reading the value of metadata key 'big'",
         ),
-        ([_kv("general.alignment", V.UINT64, struct.pack("<Q", 32))], [], 3, r"general\.alignment has value type UINT64"),
-        ([_kv("general.alignment", V.UINT32, struct.pack("<I", 48))], [], 3, r"general\.alignment = 48; it must be a power"),
+        ([_kv(ALIGN, V.UINT64, struct.pack("<Q", 32))], [], 3, r"general\.alignment has value type UINT64"),
+        ([_kv(ALIGN, V.UINT32, struct.pack("<I", 48))], [], 3, r"general\.alignment = 48; it must be a power"),
         ([], [_tensor_info("w", (4,), Q.F32, 8)], 3, r"tensor 'w' starts at data offset 8, not a multiple of 32"),
-        ([], [_tensor_info("w", (4,), Q.Q8_0, 0)], 3, r"tensor 'w' has rows of 4 values, not a multiple of Q8_0's block"),
+        ([], [_tensor_info("w", (4,), Q.Q8_0, 0)], 3, r"tensor 'w' has rows of 4 values, not a multiple of Q8_0's"),
         ([], [_tensor_info("w", (4,), Q.F32, 0)] * 2, 3, r"tensor 'w' appears twice"),
     ],
     ids=[
         "version",
+        "deep-nesting",
         "value-type",
         "duplicate-key",
         "key-utf8",
