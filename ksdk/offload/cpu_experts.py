@@ -75,10 +75,14 @@ def _check_view(name: str, view: ExpertTensorView, shape: tuple[int, int, int]) 
 class CPUExperts:
     """One layer's routed experts, computed on the CPU from their GGUF blocks.
 
+    One instance is driven by one thread at a time (submit, then wait); different instances may be
+    used from different threads, their calls queue on the shared pool.
+
     Args:
         gate, up: views of ``ffn_gate_exps`` / ``ffn_up_exps``, shape (E, I, H).
         down: view of ``ffn_down_exps``, shape (E, H, I).
-        num_threads: worker threads; default :func:`default_num_threads` (never oversubscribes).
+        num_threads: worker threads; default :func:`default_num_threads` (never oversubscribes). All
+            CPUExperts with the same count share one thread pool, so one layer runs at a time.
         copy_to_ram: copy the expert bytes into process memory instead of reading the memmap.
         lock_memory: ``mlock`` the bytes the kernels read (needs RLIMIT_MEMLOCK headroom).
         isa: kernel family, ``"auto"`` (best this CPU runs) or one of ``scalar``, ``avx2``, ``avx512vnni``.
@@ -168,7 +172,7 @@ class CPUExperts:
                 x.shape[0],
                 topk_ids.shape[1],
             )
-        except ValueError as exc:
+        except (ValueError, RuntimeError) as exc:  # a bad expert id; this thread's call pending on the shared pool
             raise InvalidRequestError(str(exc)) from exc
         self._inflight = (x, topk_ids, topk_weights, out)
 

@@ -22,9 +22,13 @@ float silu(float v) { return v / (1.f + std::exp(-v)); }
 
 MoeRunner::MoeRunner(ExpertTensor gate, ExpertTensor up, ExpertTensor down, int num_threads,
                      const std::string& isa)
-    : gate_(gate), up_(up), down_(down), kernels_(select_row_dot(isa)), pool_(num_threads) {
+    : gate_(gate), up_(up), down_(down), kernels_(select_row_dot(isa)), pool_(ThreadPool::shared(num_threads)) {
   up_shares_gate_act_ = act_format(gate.type) == act_format(up.type);
-  scratch_.resize(pool_.size());
+  scratch_.resize(pool_->size());
+}
+
+MoeRunner::~MoeRunner() {
+  if (pending_) pool_->join();  // the workers still use this runner's buffers
 }
 
 void MoeRunner::plan(const MoeCall& call) {
@@ -87,23 +91,23 @@ void MoeRunner::submit(const MoeCall& call) {
   if (pending_) throw std::logic_error("submit() called twice without wait()");
   plan(call);
   call_ = call;
+  pool_->launch([this](int worker) { work(worker); });
   pending_ = true;
-  pool_.launch([this](int worker) { work(worker); });
 }
 
 void MoeRunner::wait() {
   if (!pending_) throw std::logic_error("wait() called without a pending submit()");
-  pool_.join();
+  pool_->join();
   pending_ = false;
 }
 
 void MoeRunner::work(int worker) {
   quantize_tokens(worker);
-  pool_.barrier();
+  pool_->barrier();
   gate_up(worker);
-  pool_.barrier();
+  pool_->barrier();
   quantize_intermediate();
-  pool_.barrier();
+  pool_->barrier();
   down(worker);
 }
 

@@ -1,6 +1,8 @@
 #include "ksdk/thread_pool.h"
 
 #include <chrono>
+#include <map>
+#include <stdexcept>
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -43,7 +45,28 @@ ThreadPool::~ThreadPool() {
   for (auto& w : workers_) w.join();
 }
 
+std::shared_ptr<ThreadPool> ThreadPool::shared(int num_threads) {
+  static std::mutex registry_mutex;
+  static std::map<int, std::weak_ptr<ThreadPool>> registry;
+  std::lock_guard<std::mutex> lock(registry_mutex);
+  std::shared_ptr<ThreadPool> pool = registry[num_threads].lock();
+  if (!pool) {
+    pool = std::make_shared<ThreadPool>(num_threads);
+    registry[num_threads] = pool;
+  }
+  return pool;
+}
+
 void ThreadPool::launch(std::function<void(int)> fn) {
+  {
+    std::unique_lock<std::mutex> lock(busy_mutex_);
+    if (busy_ && busy_owner_ == std::this_thread::get_id())
+      throw std::logic_error(
+          "this thread already has a pending call on the shared expert thread pool; wait() for it first");
+    busy_cv_.wait(lock, [this] { return !busy_; });
+    busy_ = true;
+    busy_owner_ = std::this_thread::get_id();
+  }
   job_ = std::move(fn);
   remaining_.store(size(), std::memory_order_relaxed);
   {
@@ -55,9 +78,15 @@ void ThreadPool::launch(std::function<void(int)> fn) {
 
 void ThreadPool::join() {
   auto done = [this] { return remaining_.load(std::memory_order_acquire) == 0; };
-  if (spin_until(done, spin_us_)) return;
-  std::unique_lock<std::mutex> lock(mutex_);
-  done_cv_.wait(lock, done);
+  if (!spin_until(done, spin_us_)) {
+    std::unique_lock<std::mutex> lock(mutex_);
+    done_cv_.wait(lock, done);
+  }
+  {
+    std::lock_guard<std::mutex> lock(busy_mutex_);
+    busy_ = false;
+  }
+  busy_cv_.notify_one();
 }
 
 void ThreadPool::barrier() {

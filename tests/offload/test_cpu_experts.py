@@ -209,3 +209,34 @@ def test_unsupported_and_malformed_tensors(layer) -> None:
     fewer_experts = random_expert_tensor(up.qtype, 8, 256, 256)
     with pytest.raises(ModelFileError, match=r"'up' has shape \(8, 256, 256\); expected \(16, 256, 256\)"):
         CPUExperts(gate, fewer_experts, down)
+
+
+def test_layers_share_one_thread_pool(layer) -> None:
+    first, second = CPUExperts(*layer, num_threads=2), CPUExperts(*layer, num_threads=2)
+    x = torch.randn(2, 256)
+    ids, weights = routing(2, 2, 16, skewed=False)
+    expected = first.forward(x, ids, weights)
+    out = torch.empty(2, 256)
+    first.submit(x, ids, weights, out)
+    # Same thread, same pool, first call not waited: blocking would deadlock, so it is refused.
+    with pytest.raises(InvalidRequestError, match="wait"):
+        second.submit(x, ids, weights, torch.empty(2, 256))
+    first.wait()
+    assert torch.equal(out, expected)
+    assert torch.equal(second.forward(x, ids, weights), expected)
+
+
+def test_layers_used_from_two_threads(layer) -> None:
+    import concurrent.futures
+
+    x = torch.randn(3, 256)
+    ids, weights = routing(3, 4, 16, skewed=False)
+    layers = [CPUExperts(*layer, num_threads=2) for _ in range(4)]
+    expected = layers[0].forward(x, ids, weights)
+
+    def run_layers(mine: list[CPUExperts]) -> list[torch.Tensor]:
+        return [experts.forward(x, ids, weights) for experts in mine * 5]
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:  # calls queue up on the shared pool
+        outs = pool.map(run_layers, [layers[:2], layers[2:]])
+    assert all(torch.equal(out, expected) for thread_outs in outs for out in thread_outs)

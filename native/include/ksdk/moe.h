@@ -41,6 +41,9 @@ struct MoeCall {
 class MoeRunner {
  public:
   MoeRunner(ExpertTensor gate, ExpertTensor up, ExpertTensor down, int num_threads, const std::string& isa);
+  ~MoeRunner();
+  MoeRunner(const MoeRunner&) = delete;
+  MoeRunner& operator=(const MoeRunner&) = delete;
 
   // Plans on the calling thread (throws std::invalid_argument for a bad expert id) and starts the
   // workers; returns before the result is ready. Buffers must stay alive until wait() returns.
@@ -48,7 +51,7 @@ class MoeRunner {
   void wait();
   bool pending() const { return pending_; }
   const char* isa() const { return kernels_.isa; }
-  int num_threads() const { return pool_.size(); }
+  int num_threads() const { return pool_->size(); }
 
  private:
   void plan(const MoeCall& call);
@@ -60,7 +63,7 @@ class MoeRunner {
 
   ExpertTensor gate_, up_, down_;
   const RowDotTable& kernels_;
-  ThreadPool pool_;
+  std::shared_ptr<ThreadPool> pool_;  // shared by every runner of this thread count
   bool pending_ = false;
   MoeCall call_{};
 
