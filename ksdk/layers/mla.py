@@ -79,9 +79,14 @@ class MLAttention(torch.nn.Module):
                 kv_pages: torch.Tensor) -> torch.Tensor:
         """Absorbed form, one new token per sequence: q_nope [B, H, nope] -> [B, H, v]."""
         max_len = max(meta.seq_lens_host)
+        q_lat = torch.einsum("bhn,hnr->bhr", q_nope.float(), self.w_kb.float())  # [B, H, rank]
+        if kv_pages.is_cuda:  # the same math as below, paged and split over the sequence in one Triton kernel
+            from ksdk.kernels.mla_decode import mla_decode
+
+            o_lat = mla_decode(q_lat, q_pe, kv_pages, meta.page_table, meta.seq_lens, self.scale, max_seq_len=max_len)
+            return torch.einsum("bhr,hvr->bhv", o_lat, self.w_vb.float())
         latent = self._gather(kv_pages, meta.page_table, max_len)  # [B, S, rank + rope]
         c_kv, k_pe = latent[..., : self.rank], latent[..., self.rank :]
-        q_lat = torch.einsum("bhn,hnr->bhr", q_nope.float(), self.w_kb.float())  # [B, H, rank]
         scores = torch.einsum("bhr,bsr->bhs", q_lat, c_kv) + torch.einsum("bhp,bsp->bhs", q_pe.float(), k_pe)
         pad = torch.arange(max_len, device=scores.device)[None, :] >= meta.seq_lens[:, None]  # [B, S]
         probs = (scores * self.scale).masked_fill(pad[:, None, :], float("-inf")).softmax(dim=-1)

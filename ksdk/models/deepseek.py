@@ -18,6 +18,7 @@ from ksdk.models.config import ModelConfig
 from ksdk.weights.quants import SUPPORTED_QTYPES
 
 if TYPE_CHECKING:
+    from ksdk.offload.cpu_experts import CPUExperts
     from ksdk.weights.gguf_file import GGUFFile
 
 __all__ = ["DecoderLayer", "DeepseekForCausalLM"]
@@ -74,6 +75,10 @@ class DeepseekForCausalLM(torch.nn.Module):
             return load_dense(gguf.tensor(name), device, dtype)
 
         def linear(name: str) -> Linear:
+            if device.type == "cuda":  # weights stay in their GGUF blocks on the GPU
+                from ksdk.layers.quant_linear import quant_linear
+
+                return quant_linear(gguf.tensor(name), device, dtype)  # type: ignore[return-value]
             return Linear(dense(name))
 
         def norm(name: str) -> RMSNorm:
@@ -95,6 +100,36 @@ def _check_qtypes(gguf: GGUFFile) -> None:
         qtype = gguf.tensor(name).qtype
         if qtype not in SUPPORTED_QTYPES:
             raise UnsupportedQuantError(name, qtype.name, sorted(q.name for q in SUPPORTED_QTYPES))
+
+
+class _HostExperts:
+    """CPU-computed routed experts for a model on the GPU: tensors cross through pinned host buffers."""
+
+    def __init__(self, experts: CPUExperts, device: torch.device) -> None:
+        self.experts, self.device = experts, device
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def _pinned(self, key: str, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """A pinned buffer of ``like``'s shape, grown as batches grow."""
+        buf = self._buffers.get(key)
+        if buf is None or buf.dtype != dtype or buf.shape[0] < like.shape[0] or buf.shape[1:] != like.shape[1:]:
+            buf = torch.empty(like.shape, dtype=dtype, pin_memory=True)
+            self._buffers[key] = buf
+        return buf[: like.shape[0]]
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        x_dtype = x.dtype if x.dtype in (torch.float32, torch.bfloat16) else torch.float32  # what the kernels read
+        x_host = self._pinned("x", x, x_dtype)
+        ids_host = self._pinned("ids", ids, torch.int32)
+        w_host = self._pinned("weights", weights, torch.float32)
+        out_host = self._pinned("out", x, torch.float32)
+        x_host.copy_(x, non_blocking=True)
+        ids_host.copy_(ids, non_blocking=True)
+        w_host.copy_(weights, non_blocking=True)
+        torch.cuda.current_stream(self.device).synchronize()  # the copies (and the last layer's upload) landed
+        self.experts.submit(x_host, ids_host, w_host, out_host)
+        self.experts.wait()
+        return out_host.to(self.device, non_blocking=True)
 
 
 def _attention(config: ModelConfig, gguf: GGUFFile, i: int, linear, norm, dense) -> MLAttention:  # noqa: ANN001
@@ -136,6 +171,8 @@ def _ffn(config: ModelConfig, gguf: GGUFFile, i: int, linear, device: torch.devi
         from ksdk.offload.cpu_experts import CPUExperts
 
         routed = CPUExperts(*views)
+        if device.type != "cpu":
+            routed = _HostExperts(routed, device)
     else:
         routed = TorchExperts(*views, device=device, dtype=dtype)
     shared = None
