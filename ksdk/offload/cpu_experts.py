@@ -17,7 +17,7 @@ import torch
 from ksdk.errors import InvalidRequestError, ModelFileError, UnsupportedQuantError
 from ksdk.offload.native import load_native
 
-__all__ = ["SUPPORTED_QTYPES", "CPUExperts", "ExpertTensorView", "default_num_threads"]
+__all__ = ["SUPPORTED_QTYPES", "CPUExperts", "ExpertTensorView", "default_num_threads", "physical_cores"]
 
 Q = gguf.GGMLQuantizationType
 SUPPORTED_QTYPES: tuple[Q, ...] = (Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q8_0, Q.BF16, Q.F16)
