@@ -14,14 +14,20 @@ __all__ = ["hf_model_from_gguf", "read_dequantized"]
 
 
 def read_dequantized(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """(metadata, fp32 tensors in torch order), read with gguf's own reader and dequantizer."""
-    reader = gguf.GGUFReader(str(path))
-    metadata = {f.name: f.contents() for f in reader.fields.values()}
-    tensors = {}
-    for t in reader.tensors:
-        shape = tuple(int(d) for d in reversed(t.shape))  # ggml order is innermost first
-        tensors[t.name] = gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape).astype(np.float32)
-    return metadata, tensors
+    """(metadata, fp32 tensors in torch order), each tensor's raw blocks dequantized by the gguf package.
+
+    The header is read by ksdk's own reader (checked against gguf.GGUFReader in tests/weights, and ~30x
+    faster on a 129k-token vocabulary); the numbers come from gguf.quants alone.
+    """
+    from ksdk.weights.gguf_file import GGUFFile
+
+    with GGUFFile.open(path) as f:
+        metadata = dict(f.metadata)
+        tensors = {}
+        for name in f.tensor_names:
+            view = f.tensor(name)
+            tensors[name] = gguf.quants.dequantize(np.asarray(view.raw), view.qtype).reshape(view.shape)
+    return metadata, {k: v.astype(np.float32) for k, v in tensors.items()}
 
 
 def _hf_config(md: dict[str, Any]):  # noqa: ANN202
