@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ksdk.bench import experts
+from ksdk.bench import e2e, experts
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ksdk.bench", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="BENCHMARK")
     experts.add_parser(commands)
+    e2e.add_parser(commands)
     args = parser.parse_args(argv)
     return int(args.run(args))
 

@@ -1,0 +1,439 @@
+"""End-to-end benchmark on a DeepSeek-R1-shaped synthetic model: the GPU path plus CPU routed experts.
+
+It writes (once, cached) a GGUF with R1's real dimensions (``ksdk/data/deepseek-r1-config.json``) but only
+``--layers`` layers, every tensor random VALID blocks in a Q4_K_M-like mix, then loads it as the engine
+would (``device="cuda"``: non-expert weights as GGUF blocks on the GPU, experts native on the CPU) and reports:
+
+- decode tok/s at each batch size (every sequence at ``--context`` tokens), prefill tok/s per prompt length;
+- GPU memory, and per layer the time in CPU experts vs the rest (GPU work plus transfers);
+- the decode step extrapolated to R1's 61 layers (3 dense + 58 MoE), beside the host-bandwidth floor:
+  the expert bytes the batch reads per token over the host's measured read bandwidth (DESIGN.md §6).
+
+``--small`` swaps in tiny dimensions for a smoke run on any machine (``--device cpu`` works too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import zlib
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+
+from ksdk.bench.random_blocks import random_expert_tensor
+from ksdk.layers.attention_metadata import AttentionMetadata
+from ksdk.models import DeepseekForCausalLM, load_model
+from ksdk.offload.cpu_experts import default_num_threads
+from ksdk.offload.native import load_native
+from ksdk.testing import QTYPE_POLICIES, TinyModelSpec, cache_dir
+from ksdk.weights.gguf_file import GGUFFile
+
+__all__ = ["E2EConfig", "add_parser", "r1_spec", "run_e2e", "synthetic_gguf"]
+
+Q = gguf.GGMLQuantizationType
+FILE_VERSION = 1  # bump when the synthetic file's content changes
+DESIGN_EXPERT_GB_PER_TOKEN = 12.4  # DESIGN.md §6: R1 at Q4_K_M, 8 experts x 58 layers
+
+
+@dataclass(frozen=True)
+class E2EConfig:
+    layers: int = 4
+    dense_layers: int = 1
+    batches: tuple[int, ...] = (1, 4, 16)
+    prefill: tuple[int, ...] = (512, 2048)
+    context: int = 1024  # tokens already cached per sequence when decoding
+    decode_steps: int = 8
+    page_size: int = 64
+    device: str = "cuda"
+    dtype: torch.dtype = torch.bfloat16
+    small: bool = False
+
+
+def _r1_config() -> dict:
+    return json.loads(resources.files("ksdk").joinpath("data/deepseek-r1-config.json").read_text())
+
+
+def r1_spec(layers: int, dense_layers: int, *, small: bool = False) -> TinyModelSpec:
+    """R1's shape (or, ``small``, tiny dimensions) with ``layers`` layers, the first ``dense_layers`` dense."""
+    if not 0 <= dense_layers < layers:
+        raise ValueError(f"dense_layers={dense_layers} with layers={layers}: need 0 <= dense_layers < layers")
+    if small:
+        return TinyModelSpec(num_layers=layers, num_dense_layers=dense_layers, num_experts=64, vocab_size=4096)
+    c = _r1_config()
+    rope = c["rope_scaling"]
+    return TinyModelSpec(
+        kind="v3", num_layers=layers, num_dense_layers=dense_layers, hidden_size=c["hidden_size"],
+        num_heads=c["num_attention_heads"], q_lora_rank=c["q_lora_rank"], kv_lora_rank=c["kv_lora_rank"],
+        qk_nope_head_dim=c["qk_nope_head_dim"], qk_rope_head_dim=c["qk_rope_head_dim"], v_head_dim=c["v_head_dim"],
+        intermediate_size=c["intermediate_size"], moe_intermediate_size=c["moe_intermediate_size"],
+        num_experts=c["n_routed_experts"], num_experts_per_tok=c["num_experts_per_tok"],
+        num_shared_experts=c["n_shared_experts"], num_groups=c["n_group"], topk_groups=c["topk_group"],
+        routed_scaling_factor=c["routed_scaling_factor"], vocab_size=c["vocab_size"],
+        context_length=rope["original_max_position_embeddings"] * int(rope["factor"]), rope_theta=c["rope_theta"],
+        rope_factor=rope["factor"], rope_original_context=rope["original_max_position_embeddings"],
+        mscale_all_dim=rope["mscale_all_dim"], rms_norm_eps=c["rms_norm_eps"],
+    )
+
+
+# ---- the synthetic file ----
+
+
+def _tensor_shapes(spec: TinyModelSpec) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape in torch order, in file order."""
+    H, heads = spec.hidden_size, spec.num_heads
+    qk = spec.qk_nope_head_dim + spec.qk_rope_head_dim
+    shapes: dict[str, tuple[int, ...]] = {"token_embd.weight": (spec.vocab_size, H), "output_norm.weight": (H,),
+                                          "output.weight": (spec.vocab_size, H)}
+    for i in range(spec.num_layers):
+        p = f"blk.{i}."
+        shapes |= {p + "attn_norm.weight": (H,), p + "attn_q_a.weight": (spec.q_lora_rank, H),
+                   p + "attn_q_a_norm.weight": (spec.q_lora_rank,), p + "attn_q_b.weight": (heads * qk, spec.q_lora_rank),
+                   p + "attn_kv_a_mqa.weight": (spec.kv_lora_rank + spec.qk_rope_head_dim, H),
+                   p + "attn_kv_a_norm.weight": (spec.kv_lora_rank,),
+                   p + "attn_kv_b.weight": (heads * (spec.qk_nope_head_dim + spec.v_head_dim), spec.kv_lora_rank),
+                   p + "attn_output.weight": (H, heads * spec.v_head_dim), p + "ffn_norm.weight": (H,)}
+        if i < spec.num_dense_layers:
+            I = spec.intermediate_size
+            shapes |= {p + "ffn_gate.weight": (I, H), p + "ffn_up.weight": (I, H), p + "ffn_down.weight": (H, I)}
+            continue
+        E, I = spec.num_experts, spec.moe_intermediate_size
+        S = I * spec.num_shared_experts
+        shapes |= {p + "ffn_gate_inp.weight": (E, H), p + "exp_probs_b.bias": (E,),
+                   p + "ffn_gate_exps.weight": (E, I, H), p + "ffn_up_exps.weight": (E, I, H),
+                   p + "ffn_down_exps.weight": (E, H, I), p + "ffn_gate_shexp.weight": (S, H),
+                   p + "ffn_up_shexp.weight": (S, H), p + "ffn_down_shexp.weight": (H, S)}
+    return shapes
+
+
+def _qtype(name: str, shape: tuple[int, ...]) -> Q:
+    """Norms, biases and the router in F32 as real files keep them; the rest in the Q4_K_M mix."""
+    if len(shape) == 1 or name.endswith("ffn_gate_inp.weight"):
+        return Q.F32
+    qtype = QTYPE_POLICIES["Q4_K_M"](name)
+    return qtype if shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0] == 0 else Q.Q8_0
+
+
+def _random_q5_0(rows: int, cols: int, rng: np.random.Generator, scale: float) -> np.ndarray:
+    """Q5_0 blocks (d f16, 4 bytes of high bits, 16 of nibbles): random quants, d sized for ``scale``."""
+    raw = np.frombuffer(rng.bytes(rows * cols // 32 * 22), dtype=np.uint8).reshape(-1, 22).copy()
+    raw[:, :2] = (rng.uniform(0.5, 1.0, raw.shape[0]) * scale / 8).astype(np.float16).view(np.uint8).reshape(-1, 2)
+    return raw.reshape(rows, -1)
+
+
+def _random_tensor(name: str, shape: tuple[int, ...], qtype: Q, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    if qtype == Q.F32:
+        if name.endswith("norm.weight"):
+            return (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+        return (rng.standard_normal(shape) * (0.05 if len(shape) == 1 else shape[-1] ** -0.5)).astype(np.float32)
+    scale = 1.0 if name == "token_embd.weight" else shape[-1] ** -0.5  # unit-variance outputs
+    n_expert, rows, cols = (1, *shape) if len(shape) == 2 else shape
+    if qtype == Q.Q5_0:
+        return _random_q5_0(rows, cols, rng, scale).reshape(*shape[:-1], -1)
+    raw = random_expert_tensor(qtype, n_expert, rows, cols, seed=seed, scale=scale).raw
+    return raw.reshape(*shape[:-1], -1)
+
+
+def _add_metadata(writer: gguf.GGUFWriter, spec: TinyModelSpec) -> None:
+    writer.add_name(f"ksdk synthetic R1-shaped {spec.num_layers} layers")
+    writer.add_vocab_size(spec.vocab_size)
+    writer.add_context_length(spec.context_length)
+    writer.add_embedding_length(spec.hidden_size)
+    writer.add_block_count(spec.num_layers)
+    writer.add_feed_forward_length(spec.intermediate_size)
+    writer.add_head_count(spec.num_heads)
+    writer.add_head_count_kv(spec.num_heads)
+    writer.add_rope_freq_base(spec.rope_theta)
+    writer.add_layer_norm_rms_eps(spec.rms_norm_eps)
+    writer.add_expert_used_count(spec.num_experts_per_tok)
+    writer.add_leading_dense_block_count(spec.num_dense_layers)
+    writer.add_q_lora_rank(spec.q_lora_rank)
+    writer.add_kv_lora_rank(spec.kv_lora_rank)
+    writer.add_key_length(spec.kv_lora_rank + spec.qk_rope_head_dim)
+    writer.add_value_length(spec.kv_lora_rank)
+    writer.add_key_length_mla(spec.qk_nope_head_dim + spec.qk_rope_head_dim)
+    writer.add_value_length_mla(spec.v_head_dim)
+    writer.add_expert_feed_forward_length(spec.moe_intermediate_size)
+    writer.add_expert_count(spec.num_experts)
+    writer.add_expert_shared_count(spec.num_shared_experts)
+    writer.add_expert_weights_scale(spec.routed_scaling_factor)
+    writer.add_expert_weights_norm(spec.norm_topk_prob)
+    writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+    writer.add_expert_group_count(spec.num_groups)
+    writer.add_expert_group_used_count(spec.topk_groups)
+    writer.add_rope_dimension_count(spec.qk_rope_head_dim)
+    writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+    writer.add_rope_scaling_factor(spec.rope_factor)
+    writer.add_rope_scaling_orig_ctx_len(spec.rope_original_context)
+    writer.add_rope_scaling_yarn_log_mul(0.1 * spec.mscale_all_dim)
+
+
+def synthetic_gguf(spec: TinyModelSpec, folder: Path | None = None) -> Path:
+    """The cached synthetic file for ``spec``, written on first use one tensor at a time (bounded memory)."""
+    folder = folder or cache_dir() / "bench"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"synthetic-v{FILE_VERSION}-{spec.tag}.gguf"
+    if path.exists():
+        return path
+    shapes = _tensor_shapes(spec)
+    qtypes = {name: _qtype(name, shape) for name, shape in shapes.items()}
+    tmp = path.with_suffix(".tmp")
+    writer = gguf.GGUFWriter(str(tmp), "deepseek2")
+    _add_metadata(writer, spec)
+    for name, shape in shapes.items():
+        qtype = qtypes[name]
+        if qtype == Q.F32:
+            writer.add_tensor_info(name, shape, np.dtype(np.float32), 4 * int(np.prod(shape)))
+        else:
+            block_values, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+            byte_shape = (*shape[:-1], shape[-1] // block_values * block_bytes)
+            writer.add_tensor_info(name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for name, shape in shapes.items():
+        writer.write_tensor_data(_random_tensor(name, shape, qtypes[name], zlib.crc32(name.encode())))
+    writer.close()
+    tmp.replace(path)
+    return path
+
+
+# ---- measuring ----
+
+
+class _Clock:
+    """Wall time with the device drained first, so GPU work is counted where it was issued."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+
+class _TimedExperts:
+    """Wraps a layer's routed experts to add up the time spent in them (device drained at both ends)."""
+
+    def __init__(self, inner: object, clock: _Clock) -> None:
+        self.inner, self.clock, self.seconds = inner, clock, 0.0
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        start = self.clock.now()
+        out = self.inner.forward(x, ids, weights)  # type: ignore[attr-defined]
+        self.seconds += self.clock.now() - start
+        return out
+
+
+@dataclass(frozen=True)
+class LayerTimes:
+    """Milliseconds per step of one layer: all of it, and the part in routed experts on the CPU."""
+
+    total_ms: float
+    experts_ms: float
+
+
+class _Runner:
+    def __init__(self, model: DeepseekForCausalLM, config: E2EConfig) -> None:
+        self.model, self.config = model, config
+        self.device = model.device
+        self.clock = _Clock(self.device)
+        self.page_size = config.page_size
+        per_seq = -(-(config.context + 1) // self.page_size)
+        num_pages = max(max(config.batches) * per_seq, -(-max(config.prefill) // self.page_size))
+        gen = torch.Generator().manual_seed(0)
+        self.kv = [(0.5 * torch.randn(num_pages, self.page_size, model.kv_cache_dim, generator=gen))
+                   .to(self.device, model.kv_dtype) for _ in model.layers]
+        self.per_seq = per_seq
+
+    def _step(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> None:
+        self.model(ids, positions, meta, self.kv)
+
+    def _decode_inputs(self, batch: int) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        ctx = self.config.context
+        tables = [list(range(b * self.per_seq, (b + 1) * self.per_seq)) for b in range(batch)]
+        meta = AttentionMetadata.build([1] * batch, [ctx + 1] * batch, tables, self.page_size, self.device)
+        ids = torch.randint(0, self.model.config.vocab_size, (batch,), device=self.device)
+        return ids, torch.full((batch,), ctx, device=self.device), meta
+
+    def decode_seconds(self, batch: int) -> float:
+        """Seconds per decode step of ``batch`` sequences."""
+        inputs = self._decode_inputs(batch)
+        for _ in range(2):
+            self._step(*inputs)
+        start = self.clock.now()
+        for _ in range(self.config.decode_steps):
+            self._step(*inputs)
+        return (self.clock.now() - start) / self.config.decode_steps
+
+    def prefill_seconds(self, tokens: int) -> float:
+        pages = list(range(-(-tokens // self.page_size)))
+        meta = AttentionMetadata.build([tokens], [tokens], [pages], self.page_size, self.device)
+        ids = torch.randint(0, self.model.config.vocab_size, (tokens,), device=self.device)
+        positions = torch.arange(tokens, device=self.device)
+        self._step(ids, positions, meta)  # warm-up (kernel compilation, pinned buffers)
+        start = self.clock.now()
+        self._step(ids, positions, meta)
+        return self.clock.now() - start
+
+    def layer_times(self, batch: int) -> tuple[list[LayerTimes], float]:
+        """Per-layer times of one decode step (device drained around each layer), and the step's total."""
+        inputs = self._decode_inputs(batch)
+        starts: list[float] = []
+        totals: list[float] = []
+        timed: list[_TimedExperts | None] = []
+        hooks = []
+        for layer in self.model.layers:
+            hooks.append(layer.register_forward_pre_hook(lambda *_: starts.append(self.clock.now())))
+            hooks.append(layer.register_forward_hook(lambda *_: totals.append(self.clock.now() - starts[-1])))
+            experts = getattr(layer.ffn, "experts", None)
+            timed.append(None if experts is None else _TimedExperts(experts, self.clock))
+            if experts is not None:
+                layer.ffn.experts = timed[-1]
+        try:
+            self._step(*inputs)  # warm
+            starts.clear()
+            totals.clear()
+            for t in timed:
+                if t is not None:
+                    t.seconds = 0.0
+            start = self.clock.now()
+            self._step(*inputs)
+            step = self.clock.now() - start
+        finally:
+            for h in hooks:
+                h.remove()
+            for layer, t in zip(self.model.layers, timed):
+                if t is not None:
+                    layer.ffn.experts = t.inner
+        return [LayerTimes(1e3 * total, 1e3 * (t.seconds if t else 0.0)) for total, t in zip(totals, timed)], 1e3 * step
+
+
+def _tensor_bytes(module: torch.nn.Module, device: torch.device) -> int:
+    tensors = list(module.parameters()) + list(module.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors if t.device.type == device.type)
+
+
+def _expert_bytes(gguf_file: GGUFFile, layer: int) -> int:
+    """Bytes of one routed expert (gate + up + down) in ``layer``."""
+    views = [gguf_file.tensor(f"blk.{layer}.ffn_{w}_exps.weight") for w in ("gate", "up", "down")]
+    return sum(v.nbytes // v.shape[0] for v in views)
+
+
+def run_e2e(config: E2EConfig) -> None:
+    device = torch.device(config.device)
+    r1 = _r1_config()
+    full_layers, full_dense = r1["num_hidden_layers"], r1["first_k_dense_replace"]
+    spec = r1_spec(config.layers, config.dense_layers, small=config.small)
+    print(f"ksdk e2e benchmark: {'tiny' if config.small else 'R1'}-shaped, {spec.num_layers} layers "
+          f"({spec.num_dense_layers} dense), Q4_K_M-like mix, {config.dtype} on {device}", flush=True)
+    print("  synthetic file (cached after the first run) ...", flush=True)
+    path = synthetic_gguf(spec)
+    gguf_file = GGUFFile.open(path)
+    print(f"  {path} ({path.stat().st_size / 1e9:.1f} GB)")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    model = load_model(gguf_file, device=device, dtype=config.dtype, experts="native")
+    runner = _Runner(model, config)
+
+    native = load_native()
+    threads = default_num_threads()
+    probe = min(4 << 30, max(1 << 30, path.stat().st_size // 8))
+    host_gbs = native.read_bandwidth(probe, threads, 3)
+    moe_layer = spec.num_dense_layers
+    expert_mb = _expert_bytes(gguf_file, moe_layer) / 1e6
+    print(f"  host read bandwidth: {host_gbs:.1f} GB/s ({threads} threads); one routed expert: {expert_mb:.1f} MB")
+
+    # GPU memory: what is resident now, and the same extrapolated to R1's 61 layers.
+    if device.type == "cuda":
+        resident = torch.cuda.memory_allocated(device)
+        layer_bytes = [_tensor_bytes(layer, device) for layer in model.layers]
+        dense_b, moe_b = layer_bytes[0] if spec.num_dense_layers else 0, layer_bytes[moe_layer]
+        full = resident - sum(layer_bytes) + full_dense * dense_b + (full_layers - full_dense) * moe_b
+        print(f"  GPU memory after load: {resident / 2**30:.2f} GiB (dense layer {dense_b / 2**20:.0f} MiB, "
+              f"MoE layer {moe_b / 2**20:.0f} MiB without experts); at {full_layers} layers: {full / 2**30:.2f} GiB "
+              f"+ KV cache")
+    print()
+
+    E, k = spec.num_experts, spec.num_experts_per_tok
+    moe_full = full_layers - full_dense
+    print(f"{'decode':>8} {'tok/s':>8} {'ms/step':>8} | {'dense ms':>9} {'MoE ms':>7} {'of it CPU':>9} "
+          f"{'GPU+rest':>8} | {'61-layer tok/s':>14} {'floor tok/s':>11} {'share':>6}")
+    for batch in config.batches:
+        step = runner.decode_seconds(batch)
+        times, profiled = runner.layer_times(batch)
+        dense = [t for i, t in enumerate(times) if i < spec.num_dense_layers]
+        moe = [t for i, t in enumerate(times) if i >= spec.num_dense_layers]
+        dense_ms = sum(t.total_ms for t in dense) / max(1, len(dense))
+        moe_ms = sum(t.total_ms for t in moe) / len(moe)
+        cpu_ms = sum(t.experts_ms for t in moe) / len(moe)
+        rest_ms = max(0.0, profiled - sum(t.total_ms for t in times))  # embedding, final norm, LM head
+        full_ms = rest_ms + full_dense * dense_ms + moe_full * moe_ms
+        distinct = E * (1 - (1 - k / E) ** batch)  # expected experts a layer reads for `batch` random tokens
+        floor_tps = batch * host_gbs * 1e9 / (moe_full * distinct * expert_mb * 1e6)
+        full_tps = batch / full_ms * 1e3
+        print(f"{batch:>8} {batch / step:>8.1f} {1e3 * step:>8.1f} | {dense_ms:>9.2f} {moe_ms:>7.2f} {cpu_ms:>9.2f} "
+              f"{moe_ms - cpu_ms:>8.2f} | {full_tps:>14.2f} {floor_tps:>11.2f} {full_tps / floor_tps:>6.0%}", flush=True)
+    print()
+    for tokens in config.prefill:
+        seconds = runner.prefill_seconds(tokens)
+        print(f"prefill {tokens:>6} tokens: {tokens / seconds:>9.1f} tok/s ({1e3 * seconds:.0f} ms, "
+              f"{spec.num_layers} layers)", flush=True)
+    if device.type == "cuda":
+        print(f"\nGPU memory peak: {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
+    print(f"\nfloor = batch x host bandwidth / ({moe_full} MoE layers x expected distinct experts x "
+          f"{expert_mb:.1f} MB); at batch 1 that is {moe_full * k * expert_mb / 1e3:.1f} GB per token "
+          f"(DESIGN.md's {DESIGN_EXPERT_GB_PER_TOKEN} GB gives {host_gbs / DESIGN_EXPERT_GB_PER_TOKEN:.2f} tok/s). "
+          f"61-layer figures: measured dense/MoE layer times x {full_dense}/{moe_full} plus the rest.")
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated ints, e.g. 1,4,16") from exc
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: every value must be >= 1")
+    return values
+
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA GPU here; use --device cpu (with --small) for a smoke run")
+    if not 0 <= args.dense_layers < args.layers:
+        raise SystemExit(f"--dense-layers {args.dense_layers}: need 0 <= dense layers < --layers {args.layers}")
+    run_e2e(E2EConfig(layers=args.layers, dense_layers=args.dense_layers, batches=args.batches,
+                      prefill=args.prefill, context=args.context, decode_steps=args.steps, device=args.device,
+                      dtype=_DTYPES[args.dtype], small=args.small))
+    return 0
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "e2e",
+        help="R1-shaped synthetic model, GPU path + CPU experts: decode/prefill tok/s vs the host-bandwidth floor",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    defaults = E2EConfig()
+    parser.add_argument("--layers", type=int, default=defaults.layers, help="layers in the synthetic model (default 4)")
+    parser.add_argument("--dense-layers", type=int, default=defaults.dense_layers,
+                        help="leading dense layers among them (default 1; R1 has 3)")
+    parser.add_argument("--batches", type=_int_list, default=defaults.batches, help="decode batch sizes (default 1,4,16)")
+    parser.add_argument("--prefill", type=_int_list, default=defaults.prefill, help="prompt lengths (default 512,2048)")
+    parser.add_argument("--context", type=int, default=defaults.context, help="cached tokens per decoding sequence")
+    parser.add_argument("--steps", type=int, default=defaults.decode_steps, help="timed decode steps per batch size")
+    parser.add_argument("--device", default=defaults.device, choices=["cuda", "cpu"])
+    parser.add_argument("--dtype", default="bf16", choices=sorted(_DTYPES))
+    parser.add_argument("--small", action="store_true", help="tiny dimensions: a smoke run on any machine")
+    parser.set_defaults(run=_run)
