@@ -27,6 +27,19 @@ _SCALE_FIELDS: dict[Q, tuple[tuple[int, ...], float]] = {
 }
 
 
+# Random bytes are drawn once into a pool this big and copied from random offsets: an R1 layer (7.3 GB)
+# is made in seconds, and tensors up to this size (every test) are fully random.
+_POOL_BYTES = 64 << 20
+
+
+def _fill_random(out: np.ndarray, pool: np.ndarray, rng: np.random.Generator) -> None:
+    start, done = int(rng.integers(pool.size)), 0
+    while done < out.size:
+        n = min(pool.size - start, out.size - done)
+        out[done : done + n] = pool[start : start + n]
+        done, start = done + n, 0
+
+
 _MID_QUANT = {Q.Q4_K: 7.5, Q.Q5_K: 15.5}
 
 
@@ -58,6 +71,7 @@ def random_expert_tensor(
         raise ValueError(f"cols={cols} is not a multiple of {qtype.name}'s block of {block_values}")
     row_bytes = cols // block_values * block_bytes
     raw = np.empty((n_expert, rows, row_bytes), dtype=np.uint8)
+    pool = np.frombuffer(rng.bytes(min(raw.size, _POOL_BYTES)), dtype=np.uint8)
     for e in range(n_expert):  # one expert at a time bounds the temporary memory
         if qtype in (Q.F16, Q.BF16):
             values = rng.standard_normal((rows, cols), dtype=np.float32) * scale
@@ -68,7 +82,7 @@ def random_expert_tensor(
             continue
         offsets, divisor = _SCALE_FIELDS[qtype]
         blocks = raw[e].reshape(-1, block_bytes)
-        blocks[:] = np.frombuffer(rng.bytes(blocks.size), dtype=np.uint8).reshape(blocks.shape)
+        _fill_random(blocks.reshape(-1), pool, rng)
         for offset in offsets:
             d = (rng.uniform(0.5, 1.0, blocks.shape[0]) * scale / divisor).astype(np.float16)
             blocks[:, offset : offset + 2] = d.view(np.uint8).reshape(-1, 2)
