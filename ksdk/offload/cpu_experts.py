@@ -54,7 +54,8 @@ def default_num_threads() -> int:
     return max(1, physical_cores() - 1)
 
 
-def _check_view(name: str, view: ExpertTensorView, shape: tuple[int, int, int]) -> None:
+def _check_view(role: str, view: ExpertTensorView, shape: tuple[int, int, int]) -> None:
+    name = str(getattr(view, "name", role))  # GGUF views carry the tensor name; stand-ins may not
     if view.qtype not in SUPPORTED_QTYPES:
         raise UnsupportedQuantError(name, Q(view.qtype).name, [q.name for q in SUPPORTED_QTYPES])
     if tuple(view.shape) != shape:

@@ -253,3 +253,35 @@ def test_lock_memory_locks_or_names_the_limit(layer) -> None:
         assert "RLIMIT_MEMLOCK" in str(exc)
     else:
         assert torch.equal(experts.forward(x, ids, weights), expected)
+
+
+def test_reads_expert_tensors_from_a_gguf_file(tmp_path) -> None:
+    """The real TensorView (a memmap of the file) through CPUExperts, against its own dequantize()."""
+    from ksdk.weights.gguf_file import GGUFFile
+
+    n_expert, hidden, inter = 4, 64, 96
+    gen = torch.Generator().manual_seed(0)
+    writer = gguf.GGUFWriter(tmp_path / "experts.gguf", "deepseek2")
+    shapes = {"gate": (n_expert, inter, hidden), "up": (n_expert, inter, hidden), "down": (n_expert, hidden, inter)}
+    for role, shape in shapes.items():
+        values = (torch.randn(*shape, generator=gen) * 0.05).numpy()
+        writer.add_tensor(f"blk.0.ffn_{role}_exps.weight", gguf.quants.quantize(values, Q.Q8_0), raw_dtype=Q.Q8_0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with GGUFFile.open(tmp_path / "experts.gguf") as file:
+        views = [file.tensor(f"blk.0.ffn_{role}_exps.weight") for role in shapes]
+        experts = CPUExperts(*views, num_threads=2)
+        x = torch.randn(5, hidden, generator=gen)
+        ids, weights = routing(5, 2, n_expert, skewed=False)
+        out = experts.forward(x, ids, weights)
+        g_w, u_w, d_w = (v.dequantize() for v in views)
+        expected = torch.zeros(5, hidden)
+        for t in range(5):
+            for j in range(2):
+                e = int(ids[t, j])
+                h = torch.nn.functional.silu(g_w[e] @ x[t]) * (u_w[e] @ x[t])
+                expected[t] += weights[t, j] * (d_w[e] @ h)
+        del experts  # before the file mapping closes
+    assert float((out - expected).norm() / expected.norm()) < 3e-2
