@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 from gguf.constants import GGMLQuantizationType
 
+from ksdk.kernels.launch import num_programs_wanted
 from ksdk.weights.quants import bytes_per_row, dequantize
 
 __all__ = ["GEMV_MAX_M", "KERNEL_QTYPES", "dequant_matmul", "dequant_matmul_reference"]
@@ -202,12 +203,6 @@ def _check(x: torch.Tensor, w_raw: torch.Tensor, qtype: GGMLQuantizationType, in
         raise ValueError(f"x is on {x.device} but w_raw on {w_raw.device}")
 
 
-def _num_programs_wanted(device: torch.device) -> int:
-    if device.type == "cuda":
-        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 1  # the interpreter: fewest programs is fastest
-
-
 def dequant_matmul(x: torch.Tensor, w_raw: torch.Tensor, qtype: GGMLQuantizationType, in_features: int,
                    *, split_k: int | None = None) -> torch.Tensor:
     """x [M, K] fp32|fp16|bf16 @ W.T, W given as GGUF bytes ``w_raw`` uint8 [N, bytes_per_row] -> [M, N] in x's dtype.
@@ -225,7 +220,7 @@ def dequant_matmul(x: torch.Tensor, w_raw: torch.Tensor, qtype: GGMLQuantization
         n_tiles = triton.cdiv(N, BLOCK_N)
         k_tiles = triton.cdiv(K, BLOCK_K)
         if split_k is None:
-            split_k = max(1, min(k_tiles, _num_programs_wanted(x.device) // n_tiles))
+            split_k = max(1, min(k_tiles, num_programs_wanted(x.device) // n_tiles))
         split_k = max(1, min(split_k, k_tiles))
         k_per_split = triton.cdiv(k_tiles, split_k) * BLOCK_K
         split_k = triton.cdiv(K, k_per_split)  # no empty splits

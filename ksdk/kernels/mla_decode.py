@@ -10,11 +10,11 @@ log-sum-exp, and a few torch ops merge the splits. ``mla_decode_reference`` is t
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
+
+from ksdk.kernels.launch import num_programs_wanted
 
 __all__ = ["mla_decode", "mla_decode_reference"]
 
@@ -133,13 +133,11 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_pages: torch.Tensor, 
     _check(q_lat, q_pe, kv_pages, page_table, seq_lens)
     B, H, rank = q_lat.shape
     rope = q_pe.shape[2]
-    BLOCK_H, BLOCK_S = _pow2(H), 32
-    BLOCK_H = min(BLOCK_H, 64)
+    BLOCK_H, BLOCK_S = 16, 32  # a [16, rank] fp32 accumulator per program: 64 registers a thread at rank 512
     head_tiles = triton.cdiv(H, BLOCK_H)
     chunks = triton.cdiv(max(1, max_seq_len), BLOCK_S)
     if num_splits is None:
-        wanted = 2 * torch.cuda.get_device_properties(q_lat.device).multi_processor_count if q_lat.is_cuda else 1
-        num_splits = max(1, min(chunks, wanted // max(1, B * head_tiles), 64))
+        num_splits = max(1, min(chunks, num_programs_wanted(q_lat.device) // (B * head_tiles), 64))
     num_splits = max(1, min(num_splits, chunks))
     tokens_per_split = triton.cdiv(chunks, num_splits) * BLOCK_S
     num_splits = triton.cdiv(max(1, max_seq_len), tokens_per_split)
