@@ -374,7 +374,7 @@ def run_e2e(config: E2EConfig) -> None:
     E, k = spec.num_experts, spec.num_experts_per_tok
     moe_full = full_layers - full_dense
     print(f"{'decode':>8} {'tok/s':>8} {'ms/step':>8} | {'dense ms':>9} {'MoE ms':>7} {'of it CPU':>9} "
-          f"{'GPU+rest':>8} | {'61-layer tok/s':>14} {'floor tok/s':>11} {'share':>6}")
+          f"{'GPU+xfer':>8} | {'61-layer tok/s':>14} {'floor tok/s':>11} {'share':>6}")
     for batch in config.batches:
         step = runner.decode_seconds(batch)
         times, profiled = runner.layer_times(batch)
