@@ -66,7 +66,9 @@ class DeepseekForCausalLM(torch.nn.Module):
     @classmethod
     def from_gguf(cls, gguf: GGUFFile, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                   kv_dtype: torch.dtype | None = None, experts: str = "torch") -> DeepseekForCausalLM:
-        """Build from an open GGUF file. ``experts``: "torch" (dequantize touched experts) or "native"."""
+        """Build from an open GGUF file. ``experts``: "torch" (dequantize touched experts) or "native".
+
+        On CUDA the non-expert weights stay in their GGUF blocks (QuantLinear) and "native" experts run on the CPU."""
         config = ModelConfig.from_gguf(gguf.metadata)
         _check_qtypes(gguf)
         device = torch.device(device)
