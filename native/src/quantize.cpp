@@ -1,18 +1,34 @@
 // Activation quantization: symmetric int8 per block, scale = max|x| / 127.
+#include <algorithm>
 #include <cmath>
 
 #include "ksdk/row_dot.h"
 
 namespace ksdk {
+namespace {
+
+// Round half to even for |v| < 2^22 (ours are within +-127): adding and subtracting 1.5 * 2^23 leaves
+// the rounding to the FPU. Same result as std::nearbyint, but it vectorizes at baseline x86-64.
+inline int8_t round_to_int8(float v) {
+  constexpr float kMagic = 12582912.f;
+  return int8_t((v + kMagic) - kMagic);
+}
+
+inline float max_abs(const float* x, int n) {
+  float amax = 0.f;
+  for (int i = 0; i < n; ++i) amax = std::max(amax, std::fabs(x[i]));
+  return amax;
+}
+
+}  // namespace
 
 void quantize_row_q8k(const float* x, int n, BlockQ8K* y) {
   for (int b = 0; b < n / kSuperBlock; ++b, x += kSuperBlock) {
-    float amax = 0.f;
-    for (int i = 0; i < kSuperBlock; ++i) amax = std::fmax(amax, std::fabs(x[i]));
+    const float amax = max_abs(x, kSuperBlock);
     BlockQ8K& blk = y[b];
     const float inv = amax > 0.f ? 127.f / amax : 0.f;
     blk.d = amax / 127.f;
-    for (int i = 0; i < kSuperBlock; ++i) blk.qs[i] = int8_t(std::nearbyint(x[i] * inv));
+    for (int i = 0; i < kSuperBlock; ++i) blk.qs[i] = round_to_int8(x[i] * inv);
     for (int g = 0; g < 16; ++g) {
       int s = 0;
       for (int i = 0; i < 16; ++i) s += blk.qs[g * 16 + i];
@@ -23,11 +39,10 @@ void quantize_row_q8k(const float* x, int n, BlockQ8K* y) {
 
 void quantize_row_q8a(const float* x, int n, BlockQ8A* y) {
   for (int b = 0; b < n / kQ8Block; ++b, x += kQ8Block) {
-    float amax = 0.f;
-    for (int i = 0; i < kQ8Block; ++i) amax = std::fmax(amax, std::fabs(x[i]));
+    const float amax = max_abs(x, kQ8Block);
     const float inv = amax > 0.f ? 127.f / amax : 0.f;
     y[b].d = amax / 127.f;
-    for (int i = 0; i < kQ8Block; ++i) y[b].qs[i] = int8_t(std::nearbyint(x[i] * inv));
+    for (int i = 0; i < kQ8Block; ++i) y[b].qs[i] = round_to_int8(x[i] * inv);
   }
 }
 
