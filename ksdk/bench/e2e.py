@@ -32,6 +32,7 @@ from ksdk.models import DeepseekForCausalLM, load_model
 from ksdk.offload.cpu_experts import default_num_threads
 from ksdk.offload.native import load_native
 from ksdk.testing import QTYPE_POLICIES, TinyModelSpec, cache_dir
+from ksdk.testing.tiny_models import add_metadata
 from ksdk.weights.gguf_file import GGUFFile
 
 __all__ = ["E2EConfig", "add_parser", "r1_spec", "run_e2e", "synthetic_gguf"]
@@ -140,40 +141,6 @@ def _random_tensor(name: str, shape: tuple[int, ...], qtype: Q, seed: int) -> np
     return raw.reshape(*shape[:-1], -1)
 
 
-def _add_metadata(writer: gguf.GGUFWriter, spec: TinyModelSpec) -> None:
-    writer.add_name(f"ksdk synthetic R1-shaped {spec.num_layers} layers")
-    writer.add_vocab_size(spec.vocab_size)
-    writer.add_context_length(spec.context_length)
-    writer.add_embedding_length(spec.hidden_size)
-    writer.add_block_count(spec.num_layers)
-    writer.add_feed_forward_length(spec.intermediate_size)
-    writer.add_head_count(spec.num_heads)
-    writer.add_head_count_kv(spec.num_heads)
-    writer.add_rope_freq_base(spec.rope_theta)
-    writer.add_layer_norm_rms_eps(spec.rms_norm_eps)
-    writer.add_expert_used_count(spec.num_experts_per_tok)
-    writer.add_leading_dense_block_count(spec.num_dense_layers)
-    writer.add_q_lora_rank(spec.q_lora_rank)
-    writer.add_kv_lora_rank(spec.kv_lora_rank)
-    writer.add_key_length(spec.kv_lora_rank + spec.qk_rope_head_dim)
-    writer.add_value_length(spec.kv_lora_rank)
-    writer.add_key_length_mla(spec.qk_nope_head_dim + spec.qk_rope_head_dim)
-    writer.add_value_length_mla(spec.v_head_dim)
-    writer.add_expert_feed_forward_length(spec.moe_intermediate_size)
-    writer.add_expert_count(spec.num_experts)
-    writer.add_expert_shared_count(spec.num_shared_experts)
-    writer.add_expert_weights_scale(spec.routed_scaling_factor)
-    writer.add_expert_weights_norm(spec.norm_topk_prob)
-    writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
-    writer.add_expert_group_count(spec.num_groups)
-    writer.add_expert_group_used_count(spec.topk_groups)
-    writer.add_rope_dimension_count(spec.qk_rope_head_dim)
-    writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
-    writer.add_rope_scaling_factor(spec.rope_factor)
-    writer.add_rope_scaling_orig_ctx_len(spec.rope_original_context)
-    writer.add_rope_scaling_yarn_log_mul(0.1 * spec.mscale_all_dim)
-
-
 def synthetic_gguf(spec: TinyModelSpec, folder: Path | None = None) -> Path:
     """The cached synthetic file for ``spec``, written on first use one tensor at a time (bounded memory)."""
     folder = folder or cache_dir() / "bench"
@@ -185,7 +152,7 @@ def synthetic_gguf(spec: TinyModelSpec, folder: Path | None = None) -> Path:
     qtypes = {name: _qtype(name, shape) for name, shape in shapes.items()}
     tmp = path.with_suffix(".tmp")
     writer = gguf.GGUFWriter(str(tmp), "deepseek2")
-    _add_metadata(writer, spec)
+    add_metadata(writer, spec, f"ksdk synthetic R1-shaped {spec.num_layers} layers")
     for name, shape in shapes.items():
         qtype = qtypes[name]
         if qtype == Q.F32:

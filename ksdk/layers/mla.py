@@ -7,13 +7,17 @@ q_nope·W_kb scores a 512-vector against c_kv directly and W_vb maps the weighte
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from ksdk.layers.attention_metadata import AttentionMetadata
 from ksdk.layers.linear import Linear
 from ksdk.layers.norm import RMSNorm
 from ksdk.layers.rotary import RotaryEmbedding
-from ksdk.models.config import ModelConfig
+
+if TYPE_CHECKING:
+    from ksdk.models.config import ModelConfig
 
 __all__ = ["MLAttention"]
 

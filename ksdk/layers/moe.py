@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 
 from ksdk.layers.linear import MLP
-from ksdk.models.config import ModelConfig
 
 if TYPE_CHECKING:
+    from ksdk.models.config import ModelConfig
     from ksdk.weights.gguf_file import TensorView
 
 __all__ = ["MoE", "Router", "RoutedExperts", "TorchExperts"]

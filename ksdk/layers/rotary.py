@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import math
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from ksdk.models.config import ModelConfig
+if TYPE_CHECKING:
+    from ksdk.models.config import ModelConfig
+
 
 __all__ = ["RotaryEmbedding", "yarn_inv_freq"]
 

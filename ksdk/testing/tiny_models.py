@@ -18,9 +18,9 @@ from typing import Literal
 import gguf
 import numpy as np
 
-__all__ = ["QTYPE_POLICIES", "TinyModelSpec", "cache_dir", "random_weights", "tiny_gguf", "write_gguf"]
+__all__ = ["QTYPE_POLICIES", "TinyModelSpec", "add_metadata", "cache_dir", "random_weights", "tiny_gguf", "write_gguf"]
 
-FORMAT_VERSION = 1  # bump when weights or layout change, so cached files are rebuilt
+FORMAT_VERSION = 2  # bump when weights or layout change, so cached files are rebuilt
 Q = gguf.GGMLQuantizationType
 
 
@@ -147,7 +147,7 @@ def _uniform(qtype: Q) -> Callable[[str], Q]:
 
 def _q4_k_m(name: str) -> Q:
     """A Q4_K_M-like mix of Q4_K, Q5_0, Q6_K and Q8_0 tensors."""
-    if name.endswith(("ffn_down_exps.weight", "output.weight", "ffn_down_shexp.weight")):
+    if name == "output.weight" or name.endswith(("ffn_down_exps.weight", "ffn_down_shexp.weight")):
         return Q.Q6_K
     if name.endswith(("attn_output.weight", "ffn_down.weight")):
         return Q.Q5_0
@@ -187,12 +187,9 @@ def _encode(array: np.ndarray, qtype: Q) -> np.ndarray:
     return quantize(array, qtype)
 
 
-def write_gguf(path: Path, spec: TinyModelSpec, weights: dict[str, np.ndarray], qtype: str = "F32",
-               *, name: str | None = None, with_tokenizer: bool = True) -> None:
-    """Write ``weights`` with ``spec``'s metadata, each tensor typed by the named policy."""
-    policy = QTYPE_POLICIES[qtype]
-    writer = gguf.GGUFWriter(str(path), "deepseek2")
-    writer.add_name(name or f"ksdk {spec.tag} {qtype}")
+def add_metadata(writer: gguf.GGUFWriter, spec: TinyModelSpec, name: str) -> None:
+    """The deepseek2 hyper-parameter keys for ``spec``, as llama.cpp's converter writes them."""
+    writer.add_name(name)
     writer.add_vocab_size(spec.vocab_size)
     writer.add_context_length(spec.context_length)
     writer.add_embedding_length(spec.hidden_size)
@@ -226,6 +223,14 @@ def write_gguf(path: Path, spec: TinyModelSpec, weights: dict[str, np.ndarray], 
     writer.add_rope_scaling_factor(spec.rope_factor)
     writer.add_rope_scaling_orig_ctx_len(spec.rope_original_context)
     writer.add_rope_scaling_yarn_log_mul(0.1 * spec.mscale_all_dim)
+
+
+def write_gguf(path: Path, spec: TinyModelSpec, weights: dict[str, np.ndarray], qtype: str = "F32",
+               *, name: str | None = None, with_tokenizer: bool = True) -> None:
+    """Write ``weights`` with ``spec``'s metadata, each tensor typed by the named policy."""
+    policy = QTYPE_POLICIES[qtype]
+    writer = gguf.GGUFWriter(str(path), "deepseek2")
+    add_metadata(writer, spec, name or f"ksdk {spec.tag} {qtype}")
     if with_tokenizer:
         from ksdk.testing.tokenizer_data import write_tokenizer
 
