@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import sys
 import time
 from dataclasses import dataclass, replace
 
@@ -17,6 +18,7 @@ import gguf
 import torch
 
 from ksdk.bench.random_blocks import RandomExpertTensor, random_expert_tensor
+from ksdk.errors import KsdkError
 from ksdk.offload.cpu_experts import CPUExperts, default_num_threads, physical_cores
 from ksdk.offload.native import load_native
 
@@ -37,6 +39,7 @@ class ExpertsBenchConfig:
     tokens: tuple[int, ...]
     seconds_per_point: float = 1.0  # time budget per T (at least min_calls calls)
     min_calls: int = 3
+    probe_bytes: int = 4 << 30  # bandwidth probe buffer (capped at 1/8 of RAM): far beyond any cache
 
     def expert_bytes(self) -> int:
         def tensor_bytes(qtype: Q, rows: int, cols: int) -> int:
@@ -51,7 +54,7 @@ class ExpertsBenchConfig:
 # DeepSeek-R1 routed experts at Q4_K_M: 256 experts, top-8, Q4_K gate/up, Q6_K down (7.3 GB per layer).
 FULL = ExpertsBenchConfig("R1 layer", 256, 8, 7168, 2048, Q.Q4_K, Q.Q6_K, (1, 4, 16, 64, 256, 1024))
 # For small CI hosts: 128 experts of 2 MB (260 MB, well beyond the caches), under a minute on 2 cores.
-SMALL = ExpertsBenchConfig("small layer", 128, 8, 2048, 512, Q.Q4_K, Q.Q6_K, (1, 4, 16, 64, 256))
+SMALL = ExpertsBenchConfig("small layer", 128, 8, 2048, 512, Q.Q4_K, Q.Q6_K, (1, 4, 16, 64, 256), probe_bytes=1 << 30)
 
 # Targets on the lent GPU machine's 16-core host (share of measured read bandwidth; ms for T=1024).
 _TARGET_SHARE = {1: 0.85, 4: 0.80, 16: 0.80, 64: 0.80}
@@ -138,7 +141,7 @@ def run_experts_bench(config: ExpertsBenchConfig, *, num_threads: int, isa: str,
     print("  making random valid blocks in memory ...", flush=True)
     layer = _make_layer(config)
     experts = CPUExperts(*layer, num_threads=num_threads, isa=isa)
-    probe_bytes = int(min(max(4 * 2**30, 0), _total_memory_bytes() // 8))
+    probe_bytes = min(config.probe_bytes, _total_memory_bytes() // 8)
     host_gbs = native.read_bandwidth(probe_bytes, experts.num_threads, 5)
     print(f"  threads: {experts.num_threads}, kernels: {experts.isa}; host read bandwidth with "
           f"{experts.num_threads} threads: {host_gbs:.1f} GB/s (best of 5 reads of {probe_bytes / 2**30:.1f} GiB)")
@@ -170,6 +173,12 @@ def _token_list(text: str) -> tuple[int, ...]:
     return tokens
 
 
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an int >= 1")
+    return int(text)
+
+
 def _run(args: argparse.Namespace) -> int:
     config, why = _pick_config(args)
     if args.tokens:
@@ -177,7 +186,11 @@ def _run(args: argparse.Namespace) -> int:
     if args.seconds is not None:
         config = replace(config, seconds_per_point=args.seconds)
     num_threads = args.threads if args.threads is not None else default_num_threads()
-    run_experts_bench(config, num_threads=num_threads, isa=args.isa, why=why)
+    try:
+        run_experts_bench(config, num_threads=num_threads, isa=args.isa, why=why)
+    except KsdkError as exc:  # e.g. the native module not built, or an isa this CPU lacks
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -189,9 +202,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     size = parser.add_mutually_exclusive_group()
-    size.add_argument("--small", action="store_true", help=f"small layer for CI hosts ({SMALL.name})")
-    size.add_argument("--full", action="store_true", help="the R1 layer even on a small host (needs ~8 GB)")
-    parser.add_argument("--threads", type=int, help="worker threads (default: physical cores - 1)")
+    size.add_argument("--small", action="store_true",
+                      help=f"{SMALL.n_expert} experts, hidden {SMALL.hidden}, intermediate {SMALL.intermediate} "
+                      "(auto on hosts with < 4 cores or too little memory for the R1 layer)")
+    size.add_argument("--full", action="store_true", help="the R1 layer (7.3 GB) even where auto picks --small")
+    parser.add_argument("--threads", type=_positive_int, help="worker threads (default: physical cores - 1)")
     parser.add_argument("--tokens", type=_token_list, help="comma-separated T values (default 1,4,16,64,256,1024)")
     parser.add_argument("--seconds", type=float, help="time budget per T (default 1.0; at least 3 calls)")
     parser.add_argument("--isa", default="auto", choices=["auto", "scalar", "avx2", "avx512vnni"],
