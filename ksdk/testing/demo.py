@@ -14,4 +14,4 @@ DEMO_MODEL_NAME = "ksdk-demo-tiny-deepseek-v3"
 
 def demo_model_path() -> Path:
     """Build the demo GGUF on first use (a few seconds) and return its cached path."""
-    return tiny_gguf("v3", "Q8_0", spec=TinyModelSpec(seed=7))
+    return tiny_gguf("v3", "Q8_0", spec=TinyModelSpec(seed=7), name=DEMO_MODEL_NAME)

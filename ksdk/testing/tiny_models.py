@@ -256,14 +256,15 @@ def cache_dir() -> Path:
 
 
 def tiny_gguf(kind: Literal["v3", "v2lite"] = "v3", qtype: str = "F32", *, kv_b: str = "joined",
-              spec: TinyModelSpec | None = None) -> Path:
+              spec: TinyModelSpec | None = None, name: str | None = None) -> Path:
     """The path of a cached tiny model file, building it on first use (atomically, safe across processes)."""
     if qtype not in QTYPE_POLICIES:
         raise ValueError(f"qtype {qtype!r}: choose from {', '.join(QTYPE_POLICIES)}")
     spec = spec or (TinyModelSpec() if kind == "v3" else TinyModelSpec.v2lite())
     folder = cache_dir() / "models"
     folder.mkdir(exist_ok=True)
-    path = folder / f"{spec.tag}-{qtype}-{kv_b}.gguf"
+    stem = f"{name}-{spec.tag}" if name else spec.tag  # the tag keeps the cache keyed by spec and version
+    path = folder / f"{stem}-{qtype}-{kv_b}.gguf"
     if path.exists():
         return path
     weights = random_weights(spec)
@@ -272,7 +273,7 @@ def tiny_gguf(kind: Literal["v3", "v2lite"] = "v3", qtype: str = "F32", *, kv_b:
     fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
     os.close(fd)
     try:
-        write_gguf(Path(tmp), spec, weights, qtype)
+        write_gguf(Path(tmp), spec, weights, qtype, name=name)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
