@@ -154,8 +154,9 @@ def run_experts_bench(config: ExpertsBenchConfig, *, num_threads: int, isa: str,
     for num_tokens in config.tokens:
         r = _measure(experts, config, num_tokens, gen)
         share = r.gbs / host_gbs
+        target = _target(num_tokens, share, r.ms_per_layer) if config == FULL else "n/a (not the R1 layer)"
         print(f"{r.num_tokens:>6} {r.ms_per_layer:>10.2f} {r.experts_per_call:>13.1f} {r.gbs:>8.1f} "
-              f"{share:>10.1%}  {_target(num_tokens, share, r.ms_per_layer)}", flush=True)
+              f"{share:>10.1%}  {target}", flush=True)
         results.append(r)
     print()
     print("GB/s counts each distinct expert once per call (its bytes / the call's time); targets apply to the "
