@@ -119,6 +119,13 @@ def _measure(experts: CPUExperts, config: ExpertsBenchConfig, num_tokens: int, g
     )
 
 
+def _is_r1_layer(config: ExpertsBenchConfig) -> bool:
+    def shape(c: ExpertsBenchConfig) -> tuple:
+        return c.n_expert, c.top_k, c.hidden, c.intermediate, c.gate_qtype, c.down_qtype
+
+    return shape(config) == shape(FULL)
+
+
 def _target(num_tokens: int, share: float, ms: float) -> str:
     if num_tokens in _TARGET_SHARE:
         goal = _TARGET_SHARE[num_tokens]
@@ -154,7 +161,7 @@ def run_experts_bench(config: ExpertsBenchConfig, *, num_threads: int, isa: str,
     for num_tokens in config.tokens:
         r = _measure(experts, config, num_tokens, gen)
         share = r.gbs / host_gbs
-        target = _target(num_tokens, share, r.ms_per_layer) if config == FULL else "n/a (not the R1 layer)"
+        target = _target(num_tokens, share, r.ms_per_layer) if _is_r1_layer(config) else "n/a (not the R1 layer)"
         print(f"{r.num_tokens:>6} {r.ms_per_layer:>10.2f} {r.experts_per_call:>13.1f} {r.gbs:>8.1f} "
               f"{share:>10.1%}  {target}", flush=True)
         results.append(r)
