@@ -91,7 +91,7 @@ void MoeRunner::plan(const MoeCall& call) {
   }
   const size_t scratch = std::max<size_t>(H, 3 * size_t(max_tokens_per_expert_));
   for (auto& s : scratch_) s.resize(scratch);
-  for (auto& c : next_item_) c.store(0, std::memory_order_relaxed);
+  for (auto& c : next_item_) c.next.store(0, std::memory_order_relaxed);
 }
 
 void MoeRunner::submit(const MoeCall& call) {
@@ -121,7 +121,7 @@ void MoeRunner::work(int worker) {
 void MoeRunner::quantize_tokens(int worker) {
   const int H = gate_.cols;
   float* row = scratch_[worker].data();
-  for (int t; (t = next_item_[0].fetch_add(1)) < call_.num_tokens;) {
+  for (int t; (t = next_item_[0].next.fetch_add(1)) < call_.num_tokens;) {
     const float* x;
     if (call_.x_bf16) {
       const uint16_t* xb = static_cast<const uint16_t*>(call_.x) + size_t(t) * H;
@@ -143,7 +143,7 @@ void MoeRunner::gate_up(int worker) {
   const RowDot gate_dot = kernels_.get(gate_.type), up_dot = kernels_.get(up_.type);
   float* g = scratch_[worker].data();
   float* u = g + max_tokens_per_expert_;
-  for (int item; (item = next_item_[1].fetch_add(1)) < n_items;) {
+  for (int item; (item = next_item_[1].next.fetch_add(1)) < n_items;) {
     const int a = item / tiles_per_expert, e = active_experts_[a];
     const int begin = expert_begin_[a], n_tok = expert_begin_[a + 1] - begin;
     const int r0 = (item % tiles_per_expert) * kGateUpTile, r1 = std::min(I, r0 + kGateUpTile);
@@ -169,7 +169,7 @@ void MoeRunner::gate_up(int worker) {
 void MoeRunner::quantize_intermediate() {
   const int I = gate_.rows, n_assign = int(assign_token_.size());
   const size_t row_bytes = act_row_bytes(down_.type, I);
-  for (int j; (j = next_item_[2].fetch_add(1)) < n_assign;)
+  for (int j; (j = next_item_[2].next.fetch_add(1)) < n_assign;)
     quantize_activation(down_.type, h_.data() + size_t(j) * I, I, h_q_.data() + size_t(j) * row_bytes);
 }
 
@@ -178,7 +178,7 @@ void MoeRunner::down(int worker) {
   const int n_items = (H + kDownTile - 1) / kDownTile;
   const RowDot down_dot = kernels_.get(down_.type);
   float* y = scratch_[worker].data();
-  for (int item; (item = next_item_[3].fetch_add(1)) < n_items;) {
+  for (int item; (item = next_item_[3].next.fetch_add(1)) < n_items;) {
     const int r0 = item * kDownTile, r1 = std::min(H, r0 + kDownTile);
     for (int t = 0; t < T; ++t)
       for (int r = r0; r < r1; ++r) call_.out[size_t(t) * H + r] = 0.f;

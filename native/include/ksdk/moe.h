@@ -77,7 +77,12 @@ class MoeRunner {
   std::vector<const uint8_t*> gate_acts_, up_acts_, down_acts_;
   std::vector<float> h_;  // [n_assign, I]: SiLU(gate) * up
   std::vector<std::vector<float>> scratch_;  // per worker
-  std::atomic<int> next_item_[4];            // work counters of the four phases
+  // Work counters of the four phases, each on its own cache line: every worker bumps them, and they
+  // must not evict the read-mostly fields above from the other workers' caches.
+  struct alignas(64) Counter {
+    std::atomic<int> next{0};
+  };
+  Counter next_item_[4];
 };
 
 }  // namespace ksdk

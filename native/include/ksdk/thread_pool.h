@@ -40,8 +40,9 @@ class ThreadPool {
   std::vector<std::thread> workers_;
   std::function<void(int)> job_;
   const int spin_us_;
-  std::atomic<uint64_t> generation_{0};
-  std::atomic<int> remaining_{0};
+  // Spun on by every worker: each on its own cache line.
+  alignas(64) std::atomic<uint64_t> generation_{0};
+  alignas(64) std::atomic<int> remaining_{0};
   std::atomic<bool> stop_{false};
   std::mutex mutex_;
   std::condition_variable wake_cv_, done_cv_;
@@ -51,8 +52,8 @@ class ThreadPool {
   bool busy_ = false;
   std::thread::id busy_owner_;
   // Sense-reversing barrier state.
-  std::atomic<int> barrier_count_{0};
-  std::atomic<uint64_t> barrier_phase_{0};
+  alignas(64) std::atomic<int> barrier_count_{0};
+  alignas(64) std::atomic<uint64_t> barrier_phase_{0};
 };
 
 }  // namespace ksdk
