@@ -43,6 +43,11 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-batch-tokens", type=int, default=2048, help="tokens per step (default: 2048)")
     g.add_argument("--max-waiting", type=int, default=256, help="queued requests before 429 (default: 256)")
     g.add_argument("--no-prefix-caching", action="store_true", help="do not reuse KV pages of shared prefixes")
+    g.add_argument("--experts", choices=("auto", "native", "torch"), default="auto",
+                   help="routed experts: native CPU kernels on the GGUF blocks, or torch (default: auto = native "
+                        "when built and every expert type has a kernel)")
+    g.add_argument("--expert-threads", type=int, default=None,
+                   help="native expert worker threads (default: physical cores - 1)")
     g.add_argument("--quiet", action="store_true", help="no loading progress on stderr")
 
 
@@ -100,7 +105,7 @@ def open_engine(args: argparse.Namespace) -> Engine:
         path, model_id=args.model_name, device=args.device, max_model_len=args.max_model_len,
         kv_cache_tokens=args.kv_cache_tokens, page_size=args.page_size, max_num_seqs=args.max_num_seqs,
         max_batch_tokens=args.max_batch_tokens, max_waiting=args.max_waiting,
-        enable_prefix_caching=not args.no_prefix_caching,
+        enable_prefix_caching=not args.no_prefix_caching, experts=args.experts, expert_threads=args.expert_threads,
     )
     if not args.quiet:
         print(f"ksdk: loaded {engine.model_id} in {time.monotonic() - start:.1f} s "

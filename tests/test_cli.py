@@ -48,14 +48,15 @@ def test_serve_without_a_gguf_uses_the_demo_and_says_its_text_is_random(
     monkeypatch.setattr("ksdk.testing.demo_model_path", lambda: Path("/cache/demo.gguf"))
     monkeypatch.setattr("uvicorn.run", lambda app, **kw: served.update(app=app, **kw))
     code = ksdk.cli.main(["serve", "--port", "9123", "--api-key", "k", "--max-concurrency", "3",
-                          "--kv-cache-tokens", "512", "--no-prefix-caching", "--model-name", "demo", "--quiet"])
+                          "--kv-cache-tokens", "512", "--no-prefix-caching", "--model-name", "demo", "--quiet",
+                          "--experts", "native", "--expert-threads", "3"])
     assert code == 0
     err = capsys.readouterr().err
     assert "RANDOM" in err and "text is random" in err and "http://127.0.0.1:9123/v1" in err
     assert fake["path"] == Path("/cache/demo.gguf")
     assert fake["options"] == {"model_id": "demo", "device": "auto", "max_model_len": None, "kv_cache_tokens": 512,
                                "page_size": 16, "max_num_seqs": 64, "max_batch_tokens": 2048, "max_waiting": 256,
-                               "enable_prefix_caching": False}
+                               "enable_prefix_caching": False, "experts": "native", "expert_threads": 3}
     assert (served["host"], served["port"], served["log_level"]) == ("127.0.0.1", 9123, "warning")
     state = served["app"].state.gateway
     assert (state.api_key, state.max_concurrency, state.engine) == ("k", 3, fake["engine"])

@@ -81,8 +81,12 @@ class Engine:
     def from_gguf(cls, path: str | Path, *, model_id: str | None = None, device: str = "auto",
                   max_model_len: int | None = None, kv_cache_tokens: int | None = None, page_size: int = 16,
                   max_num_seqs: int = 64, max_batch_tokens: int = 2048, max_waiting: int = 256,
-                  enable_prefix_caching: bool = True) -> Engine:
-        """Load model, tokenizer and chat template from a GGUF file (or its first split, or a folder)."""
+                  enable_prefix_caching: bool = True, experts: str = "auto",
+                  expert_threads: int | None = None) -> Engine:
+        """Load model, tokenizer and chat template from a GGUF file (or its first split, or a folder).
+
+        ``experts``: "auto", "native" or "torch" routed experts (see DeepseekForCausalLM.from_gguf);
+        ``expert_threads``: the native kernels' worker threads (default: physical cores - 1)."""
         import torch
 
         from ksdk.chat import ChatTemplate, prompt_opens_reasoning
@@ -97,7 +101,7 @@ class Engine:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         gguf = GGUFFile.open(path)
-        model = load_model(gguf, device=device)
+        model = load_model(gguf, device=device, experts=experts, expert_threads=expert_threads)
         tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata)
         template = ChatTemplate.from_metadata(gguf.metadata, tokenizer)
         name = model_id or gguf.metadata.get("general.name") or Path(path).stem

@@ -57,9 +57,12 @@ class Router(torch.nn.Module):
 
 
 class RoutedExperts(Protocol):
-    """Σ_k w[t,k] · expert_{ids[t,k]}(x[t]) for every token t."""
+    """Σ_k w[t,k] · expert_{ids[t,k]}(x[t]) for every token t, started by submit() and collected by wait(),
+    so that the shared expert can run in between (on the GPU while the CPU computes the routed ones)."""
 
-    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor: ...
+    def submit(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> None: ...
+
+    def wait(self) -> torch.Tensor: ...
 
 
 class TorchExperts:
@@ -72,6 +75,7 @@ class TorchExperts:
         expert_bytes = 3 * gate.shape[1] * gate.shape[2] * torch.finfo(dtype).bits // 8
         self.cache_size = max(1, cache_bytes // expert_bytes)
         self._cache: collections.OrderedDict[int, tuple[torch.Tensor, ...]] = collections.OrderedDict()
+        self._pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def _expert(self, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if e in self._cache:
@@ -82,6 +86,14 @@ class TorchExperts:
         if len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
         return w  # type: ignore[return-value]
+
+    def submit(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> None:
+        self._pending = (x, ids, weights)  # computed in wait(): torch has no background worker here
+
+    def wait(self) -> torch.Tensor:
+        assert self._pending is not None, "wait() without submit()"
+        (x, ids, weights), self._pending = self._pending, None
+        return self.forward(x, ids, weights)
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(x)
@@ -107,7 +119,7 @@ class MoE(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ids, weights = self.router(x)
-        out = self.experts.forward(x, ids, weights).to(x.dtype)
-        if self.shared is not None:
-            out = out + self.shared(x)
-        return out
+        self.experts.submit(x, ids, weights)
+        shared = self.shared(x) if self.shared is not None else None  # overlaps the routed experts
+        out = self.experts.wait().to(x.dtype)
+        return out if shared is None else out + shared

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ksdk.errors import InvalidRequestError, UnsupportedQuantError
 from ksdk.layers.attention_metadata import AttentionMetadata
 from ksdk.layers.embedding import Embedding
 from ksdk.layers.linear import MLP, Linear, load_dense
@@ -13,15 +14,15 @@ from ksdk.layers.mla import MLAttention
 from ksdk.layers.moe import MoE, Router, RoutedExperts, TorchExperts
 from ksdk.layers.norm import RMSNorm
 from ksdk.layers.rotary import RotaryEmbedding
-from ksdk.errors import UnsupportedQuantError
 from ksdk.models.config import ModelConfig
 from ksdk.weights.quants import SUPPORTED_QTYPES
 
 if TYPE_CHECKING:
-    from ksdk.offload.cpu_experts import CPUExperts
-    from ksdk.weights.gguf_file import GGUFFile
+    from ksdk.weights.gguf_file import GGUFFile, TensorView
 
-__all__ = ["DecoderLayer", "DeepseekForCausalLM"]
+__all__ = ["EXPERT_BACKENDS", "DecoderLayer", "DeepseekForCausalLM"]
+
+EXPERT_BACKENDS = ("auto", "native", "torch")
 
 
 class DecoderLayer(torch.nn.Module):
@@ -65,10 +66,16 @@ class DeepseekForCausalLM(torch.nn.Module):
 
     @classmethod
     def from_gguf(cls, gguf: GGUFFile, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                  kv_dtype: torch.dtype | None = None, experts: str = "torch") -> DeepseekForCausalLM:
-        """Build from an open GGUF file. ``experts``: "torch" (dequantize touched experts) or "native".
+                  kv_dtype: torch.dtype | None = None, experts: str = "auto",
+                  expert_threads: int | None = None) -> DeepseekForCausalLM:
+        """Build from an open GGUF file.
 
-        On CUDA the non-expert weights stay in their GGUF blocks (QuantLinear) and "native" experts run on the CPU."""
+        ``experts``: "native" (ksdk._native on the CPU, straight from the GGUF blocks), "torch" (dequantize the
+        touched experts), or "auto" (native when built and every expert type has a kernel). On CUDA the
+        non-expert weights stay in their GGUF blocks (QuantLinear) and native experts still run on the CPU.
+        ``expert_threads``: native worker threads (default: physical cores - 1)."""
+        if experts not in EXPERT_BACKENDS:
+            raise InvalidRequestError(f"experts={experts!r}; choose one of {', '.join(EXPERT_BACKENDS)}")
         config = ModelConfig.from_gguf(gguf.metadata)
         _check_qtypes(gguf)
         device = torch.device(device)
@@ -88,7 +95,8 @@ class DeepseekForCausalLM(torch.nn.Module):
 
         layers = [
             DecoderLayer(norm(f"blk.{i}.attn_norm.weight"), _attention(config, gguf, i, linear, norm, dense),
-                         norm(f"blk.{i}.ffn_norm.weight"), _ffn(config, gguf, i, linear, device, dtype, experts))
+                         norm(f"blk.{i}.ffn_norm.weight"), _ffn(config, gguf, i, linear, device, dtype, experts,
+                                                                  expert_threads))
             for i in range(config.num_layers)
         ]
         head = "output.weight" if gguf.has("output.weight") else "token_embd.weight"  # tied embeddings
@@ -102,36 +110,6 @@ def _check_qtypes(gguf: GGUFFile) -> None:
         qtype = gguf.tensor(name).qtype
         if qtype not in SUPPORTED_QTYPES:
             raise UnsupportedQuantError(name, qtype.name, sorted(q.name for q in SUPPORTED_QTYPES))
-
-
-class _HostExperts:
-    """CPU-computed routed experts for a model on the GPU: tensors cross through pinned host buffers."""
-
-    def __init__(self, experts: CPUExperts, device: torch.device) -> None:
-        self.experts, self.device = experts, device
-        self._buffers: dict[str, torch.Tensor] = {}
-
-    def _pinned(self, key: str, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """A pinned buffer of ``like``'s shape, grown as batches grow."""
-        buf = self._buffers.get(key)
-        if buf is None or buf.dtype != dtype or buf.shape[0] < like.shape[0] or buf.shape[1:] != like.shape[1:]:
-            buf = torch.empty(like.shape, dtype=dtype, pin_memory=True)
-            self._buffers[key] = buf
-        return buf[: like.shape[0]]
-
-    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        x_dtype = x.dtype if x.dtype in (torch.float32, torch.bfloat16) else torch.float32  # what the kernels read
-        x_host = self._pinned("x", x, x_dtype)
-        ids_host = self._pinned("ids", ids, torch.int32)
-        w_host = self._pinned("weights", weights, torch.float32)
-        out_host = self._pinned("out", x, torch.float32)
-        x_host.copy_(x, non_blocking=True)
-        ids_host.copy_(ids, non_blocking=True)
-        w_host.copy_(weights, non_blocking=True)
-        torch.cuda.current_stream(self.device).synchronize()  # the copies (and the last layer's upload) landed
-        self.experts.submit(x_host, ids_host, w_host, out_host)
-        self.experts.wait()
-        return out_host.to(self.device, non_blocking=True)
 
 
 def _attention(config: ModelConfig, gguf: GGUFFile, i: int, linear, norm, dense) -> MLAttention:  # noqa: ANN001
@@ -159,8 +137,23 @@ def _attention(config: ModelConfig, gguf: GGUFFile, i: int, linear, norm, dense)
     )
 
 
+def _routed_experts(views: list[TensorView], device: torch.device, dtype: torch.dtype, backend: str,
+                    threads: int | None) -> RoutedExperts:
+    if backend == "auto":
+        from ksdk.offload.cpu_experts import SUPPORTED_QTYPES as NATIVE_QTYPES
+        from ksdk.offload.native import native_available
+
+        backend = "native" if native_available() and all(v.qtype in NATIVE_QTYPES for v in views) else "torch"
+    if backend == "torch":
+        return TorchExperts(*views, device=device, dtype=dtype)
+    from ksdk.offload.cpu_experts import CPUExperts
+    from ksdk.offload.routed import NativeRoutedExperts
+
+    return NativeRoutedExperts(CPUExperts(*views, num_threads=threads), device)
+
+
 def _ffn(config: ModelConfig, gguf: GGUFFile, i: int, linear, device: torch.device, dtype: torch.dtype,  # noqa: ANN001
-         experts: str) -> MLP | MoE:
+         experts: str, expert_threads: int | None) -> MLP | MoE:
     p = f"blk.{i}."
     if not config.is_moe_layer(i):
         return MLP(linear(p + "ffn_gate.weight"), linear(p + "ffn_up.weight"), linear(p + "ffn_down.weight"))
@@ -168,15 +161,7 @@ def _ffn(config: ModelConfig, gguf: GGUFFile, i: int, linear, device: torch.devi
     router = Router(config, gguf.tensor(p + "ffn_gate_inp.weight").dequantize(torch.float32).to(device),
                     gguf.tensor(bias).dequantize(torch.float32).to(device) if gguf.has(bias) else None)
     views = [gguf.tensor(p + f"ffn_{w}_exps.weight") for w in ("gate", "up", "down")]
-    routed: RoutedExperts
-    if experts == "native":
-        from ksdk.offload.cpu_experts import CPUExperts
-
-        routed = CPUExperts(*views)
-        if device.type != "cpu":
-            routed = _HostExperts(routed, device)
-    else:
-        routed = TorchExperts(*views, device=device, dtype=dtype)
+    routed = _routed_experts(views, device, dtype, experts, expert_threads)
     shared = None
     if config.num_shared_experts:
         shared = MLP(linear(p + "ffn_gate_shexp.weight"), linear(p + "ffn_up_shexp.weight"),

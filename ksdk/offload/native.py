@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 from types import ModuleType
 
 from ksdk.errors import NativeExtensionError
 
-__all__ = ["load_native"]
+__all__ = ["load_native", "native_available"]
 
 
 @functools.cache
@@ -25,3 +26,9 @@ def load_native() -> ModuleType:
             f"the native extension ksdk._native is not available ({exc}); build it with "
             "`pip install -e .` from the repository root (needs a C++17 compiler and pybind11)"
         ) from exc
+
+
+@functools.cache
+def native_available() -> bool:
+    """Whether ``ksdk._native`` was built (without importing it)."""
+    return importlib.util.find_spec("ksdk._native") is not None
