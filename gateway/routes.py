@@ -10,7 +10,8 @@ from __future__ import annotations
 import contextlib
 import time
 import uuid
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
@@ -22,6 +23,8 @@ from gateway.metrics import CONTENT_TYPE, render_metrics
 from gateway.renderers import ChatRenderer, CompletionRenderer
 from gateway.schemas import parse_chat_request, parse_completion_request, parse_json_body
 from gateway.streaming import EngineResponse, Source
+
+T = TypeVar("T")
 
 __all__ = ["build_routes"]
 
@@ -67,16 +70,22 @@ async def get_model(request: Request) -> Response:
     return JSONResponse(_model_card(state))
 
 
-async def chat_completions(request: Request) -> EngineResponse:
+async def _admit(request: Request, parse: Callable[[Any, str], T]) -> tuple[Any, T, Callable[[], None]]:
+    """Authenticate, parse the body, take a concurrency slot and make sure the engine runs."""
     state = _state(request)
     state.check_api_key(request)
-    chat = parse_chat_request(await _read_json(request, state.max_body_bytes), state.model_id)
+    parsed = parse(await _read_json(request, state.max_body_bytes), state.model_id)
     release = state.acquire_slot()
     try:
         await state.ensure_running()
     except BaseException:
         release()
         raise
+    return state, parsed, release
+
+
+async def chat_completions(request: Request) -> EngineResponse:
+    state, chat, release = await _admit(request, parse_chat_request)
     engine, request_id = state.engine, f"chatcmpl-{uuid.uuid4().hex}"
     source = Source(0, 0, request_id, lambda: engine.stream(chat.messages, request_id=request_id, tools=chat.tools,
                                                            **chat.sampling))
@@ -87,15 +96,7 @@ async def chat_completions(request: Request) -> EngineResponse:
 
 
 async def completions(request: Request) -> EngineResponse:
-    state = _state(request)
-    state.check_api_key(request)
-    comp = parse_completion_request(await _read_json(request, state.max_body_bytes), state.model_id)
-    release = state.acquire_slot()
-    try:
-        await state.ensure_running()
-    except BaseException:
-        release()
-        raise
+    state, comp, release = await _admit(request, parse_completion_request)
     engine, request_id = state.engine, f"cmpl-{uuid.uuid4().hex}"
     n = comp.sampling.get("n", 1)
 
