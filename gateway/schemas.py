@@ -145,7 +145,7 @@ def _read_common_sampling(body: JSON) -> JSON:
     for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
         if (v := _read_number(body, name)) is not None:
             out[name] = float(v)
-    for name in ("top_k", "seed", "n"):
+    for name in ("top_k", "seed", "n", "min_tokens"):
         if (v := _read_int(body, name)) is not None:
             out[name] = v
     if (v := _read_bool(body, "ignore_eos")) is not None:
@@ -179,7 +179,7 @@ CHAT_FIELDS = frozenset({
     "messages", "model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p",
     "presence_penalty", "frequency_penalty", "repetition_penalty", "stop", "stop_token_ids", "seed", "n",
     "logprobs", "top_logprobs", "stream", "stream_options", "response_format", "tools", "tool_choice",
-    "parallel_tool_calls", "logit_bias", "ignore_eos",
+    "parallel_tool_calls", "logit_bias", "ignore_eos", "min_tokens",
 })
 
 
@@ -300,7 +300,7 @@ COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's documented default for /v1/comple
 COMPLETION_FIELDS = frozenset({
     "prompt", "model", "max_tokens", "temperature", "top_p", "top_k", "min_p", "presence_penalty",
     "frequency_penalty", "repetition_penalty", "stop", "stop_token_ids", "seed", "n", "logprobs", "stream",
-    "stream_options", "echo", "suffix", "best_of", "logit_bias", "ignore_eos",
+    "stream_options", "echo", "suffix", "best_of", "logit_bias", "ignore_eos", "min_tokens",
 })
 
 

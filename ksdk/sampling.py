@@ -32,6 +32,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    min_tokens: int = 0  # EOS and stop token ids cannot be drawn before this many tokens
     logprobs: bool = False
     top_logprobs: int = 0
     n: int = 1
@@ -89,6 +90,8 @@ class SamplingParams:
         check("stop", len(self.stop) <= 16 and all(isinstance(s, str) and s for s in self.stop),
               "up to 16 non-empty strings")
         check("stop_token_ids", all(is_int(t) and t >= 0 for t in self.stop_token_ids), "non-negative integers")
+        check("min_tokens", is_int(self.min_tokens) and 0 <= self.min_tokens
+              and (self.max_tokens is None or self.min_tokens <= self.max_tokens), "0 to max_tokens")
         check("logprobs", isinstance(self.logprobs, bool), "true or false")
         check("top_logprobs", is_int(self.top_logprobs) and 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS,
               f"0 to {MAX_TOP_LOGPROBS}")

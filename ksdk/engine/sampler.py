@@ -32,6 +32,7 @@ class Sampler:
         params = [s.request.params for s in seqs]
         want_lp = [p.logprobs or p.top_logprobs > 0 for p in params]
         raw_logprobs = torch.log_softmax(logits.float(), dim=-1) if any(want_lp) else None  # the model's own
+        logits = self._forbid_early_stops(logits, seqs)
         if any(p.uses_penalties for p in params):
             logits = self._apply_penalties(logits.float().clone(), seqs)
         if all(p.greedy for p in params):  # fast path: no sort, no random draws
@@ -39,6 +40,19 @@ class Sampler:
         else:
             tokens = self._sample(logits.float(), seqs)
         return self._collect(tokens, raw_logprobs, seqs, want_lp)
+
+    @staticmethod
+    def _forbid_early_stops(logits: torch.Tensor, seqs: Seq[Sequence]) -> torch.Tensor:
+        """min_tokens: a sequence shorter than that cannot draw EOS or one of its stop token ids."""
+        early = [i for i, s in enumerate(seqs) if s.num_output_tokens < s.request.params.min_tokens]
+        if not early:
+            return logits
+        logits = logits.clone()
+        for i in early:
+            req = seqs[i].request
+            ids = [*req.params.stop_token_ids, *(() if req.params.ignore_eos else req.eos_token_ids)]
+            logits[i, torch.tensor(ids, dtype=torch.int64, device=logits.device)] = float("-inf")
+        return logits
 
     def _apply_penalties(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> torch.Tensor:
         device, (rows, vocab) = logits.device, logits.shape

@@ -75,3 +75,20 @@ def test_logprobs_are_the_models_and_top_list_is_sorted() -> None:
     assert out.logprobs[1] is None and out.top_ids[1] == []
     assert len(out.top_ids[0]) == 20 and out.top_ids[0][0] == out.token_ids[0]
     assert out.top_logprobs[0] == sorted(out.top_logprobs[0], reverse=True)
+
+
+def test_min_tokens_forbids_stop_token_ids_until_reached() -> None:
+    logits = torch.zeros((2, V))
+    logits[:, 7] = 10.0  # token 7 is by far the best, and a stop token
+    early = make_seq([1], temperature=0.0, stop_token_ids=(7,), min_tokens=2)
+    done = make_seq([1], temperature=0.0, stop_token_ids=(7,), min_tokens=2)
+    done.token_ids.extend([3, 4])  # two tokens generated already
+    assert Sampler()(logits, [early, done]).token_ids[0] != 7
+    assert Sampler()(logits, [early, done]).token_ids[1] == 7
+
+
+def test_min_tokens_above_max_tokens_is_refused() -> None:
+    from ksdk import SamplingParamError, SamplingParams
+
+    with pytest.raises(SamplingParamError, match="min_tokens"):
+        SamplingParams(max_tokens=4, min_tokens=5)
