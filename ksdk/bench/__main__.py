@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ksdk.bench import e2e, experts
+from ksdk.bench import e2e, experts, serving
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -13,6 +13,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True, metavar="BENCHMARK")
     experts.add_parser(commands)
     e2e.add_parser(commands)
+    serving.add_parser(commands)
     args = parser.parse_args(argv)
     return int(args.run(args))
 
