@@ -55,6 +55,7 @@ class E2EConfig:
     device: str = "cuda"
     dtype: torch.dtype = torch.bfloat16
     small: bool = False
+    profile: bool = False  # print torch.profiler's op table for one decode step at the first batch size
 
 
 def _r1_config() -> dict:
@@ -255,6 +256,24 @@ class _Runner:
         self._step(ids, positions, meta)
         return self.clock.now() - start
 
+    def profile(self, batch: int, rows: int = 30) -> str:
+        """torch.profiler's op table (by device time) for one decode step of ``batch`` sequences."""
+        inputs = self._decode_inputs(batch)
+        self._step(*inputs)
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if self.clock.cuda:
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=activities) as prof:
+            start = self.clock.now()
+            self._step(*inputs)
+            wall = self.clock.now() - start
+        events = prof.key_averages()
+        sort = "device_time_total" if self.clock.cuda else "cpu_time_total"
+        kernels = sum(e.count for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+        device_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+        return (f"one decode step, batch {batch}: {1e3 * wall:.2f} ms wall (profiled), {kernels} kernels, "
+                f"{device_us / 1e3:.2f} ms of kernel time\n" + events.table(sort_by=sort, row_limit=rows))
+
     def layer_times(self, batch: int) -> tuple[list[LayerTimes], float]:
         """Per-layer times of one decode step (device drained around each layer), and the step's total."""
         inputs = self._decode_inputs(batch)
@@ -362,6 +381,9 @@ def run_e2e(config: E2EConfig) -> None:
         full_tps = batch / full_ms * 1e3
         print(f"{batch:>8} {batch / step:>8.1f} {1e3 * step:>8.1f} | {dense_ms:>9.2f} {moe_ms:>7.2f} {cpu_ms:>9.2f} "
               f"{moe_ms - cpu_ms:>8.2f} | {full_tps:>14.2f} {floor_tps:>11.2f} {full_tps / floor_tps:>6.0%}", flush=True)
+    if config.profile:
+        print()
+        print(runner.profile(config.batches[0]), flush=True)
     print()
     for tokens in config.prefill:
         seconds = runner.prefill_seconds(tokens)
@@ -395,7 +417,7 @@ def _run(args: argparse.Namespace) -> int:
         raise SystemExit(f"--dense-layers {args.dense_layers}: need 0 <= dense layers < --layers {args.layers}")
     run_e2e(E2EConfig(layers=args.layers, dense_layers=args.dense_layers, batches=args.batches,
                       prefill=args.prefill, context=args.context, decode_steps=args.steps, device=args.device,
-                      dtype=_DTYPES[args.dtype], small=args.small))
+                      dtype=_DTYPES[args.dtype], small=args.small, profile=args.profile))
     return 0
 
 
@@ -417,4 +439,6 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", default=defaults.device, choices=["cuda", "cpu"])
     parser.add_argument("--dtype", default="bf16", choices=sorted(_DTYPES))
     parser.add_argument("--small", action="store_true", help="tiny dimensions: a smoke run on any machine")
+    parser.add_argument("--profile", action="store_true",
+                        help="also print torch.profiler's op table for one decode step at the first batch size")
     parser.set_defaults(run=_run)

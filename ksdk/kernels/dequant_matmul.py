@@ -1,18 +1,22 @@
 """y = x @ W.T with W kept in its GGUF quant blocks on the GPU, dequantized on the fly in registers.
 
 W is the raw row-major GGUF bytes of one 2-D tensor, a uint8 tensor ``[N, bytes_per_row]``; each output
-feature's row is a run of quant blocks. Two kernels share the per-type decoders below:
+feature's row is a run of quant blocks. Three kernels share the per-type decoders below:
 
-- ``_gemv_kernel`` for decode (M up to ``GEMV_MAX_M``): one program per N tile (times a split of K when N
-  alone gives too few programs), the few activation rows broadcast against each dequantized tile;
+- ``_blocked_gemv_kernel`` for decode (M up to ``GEMV_MAX_M``) on Q8_0/Q4_K/Q6_K/Q5_0: one program per N tile
+  (times a split of K when N alone gives too few programs), 256 inputs a step; each group's scale is decoded
+  once and applied to the group's Σ q·x, so the per-weight work is a byte load, a shift and an FMA;
+- ``_gemv_kernel``, the same launch for the other types: each element decodes its own scale fields;
 - ``_gemm_kernel`` for prefill: M x N tiles, ``tl.dot`` on the dequantized tile in the activation dtype.
 
-Both accumulate in fp32. The decoders follow the bit layouts of ``ksdk.weights.quants`` (whose torch
+All accumulate in fp32. The decoders follow the bit layouts of ``ksdk.weights.quants`` (whose torch
 decoders are the reference, bit-exact with gguf-py); each element finds its block and fields by address,
 so a K tile may span any whole number of 32-value groups.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import triton
@@ -22,7 +26,7 @@ from gguf.constants import GGMLQuantizationType
 from ksdk.kernels.launch import num_programs_wanted
 from ksdk.weights.quants import bytes_per_row, dequantize
 
-__all__ = ["GEMV_MAX_M", "KERNEL_QTYPES", "dequant_matmul", "dequant_matmul_reference"]
+__all__ = ["BLOCKED_QTYPES", "GEMV_MAX_M", "KERNEL_QTYPES", "GemvConfig", "dequant_matmul", "dequant_matmul_reference", "gemv_config"]
 
 Q = GGMLQuantizationType
 KERNEL_QTYPES: tuple[GGMLQuantizationType, ...] = (Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q5_0)
@@ -163,6 +167,111 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_os
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(m[:, None] < M) & (n[None, :] < N))
 
 
+# ---- blocked GEMV: one 256-value step per loop, scales decoded once per (row, group), quants as whole bytes ----
+#
+# Each helper returns the step's [BM, BN] contribution Σ_k x[m, k] · W[n, k] over k0 .. k0 + 255, factored as
+# Σ_group scale · (Σ q·x) (- min · Σ x): the per-element work is a byte load, a shift and an FMA.
+
+
+@triton.jit
+def _x_groups(x_ptr, stride_xm, m, M, k0, K, G: tl.constexpr, L: tl.constexpr, GS: tl.constexpr):
+    """x[m, k0 + GS·g + l] as fp32 [BM, G, L]."""
+    k = k0 + tl.arange(0, G)[None, :, None] * GS + tl.arange(0, L)[None, None, :]
+    mm = m[:, None, None]
+    return tl.load(x_ptr + mm * stride_xm + k, mask=(mm < M) & (k < K), other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _group_dots(x, q):
+    """x [BM, G, L], q [BN, G, L] -> [BM, BN, G]: Σ_l x·q per row and group."""
+    return tl.sum(x[:, None, :, :] * q[None, :, :, :], axis=3)
+
+
+@triton.jit
+def _q4_k_step(row, n_ok, k0, x_ptr, stride_xm, m, M, K):
+    blk = row + (k0 // 256) * 144  # [BN, 1]: one super-block
+    c = tl.arange(0, 4)[None, :]  # qs[32c : 32c + 32] holds sub-blocks 2c (low nibbles) and 2c + 1 (high)
+    q = _byte(blk[:, :, None] + 16 + c[:, :, None] * 32 + tl.arange(0, 32)[None, None, :], n_ok[:, :, None])
+    x_lo = _x_groups(x_ptr, stride_xm, m, M, k0, K, 4, 32, 64)  # [BM, 4, 32]: sub-blocks 2c
+    x_hi = _x_groups(x_ptr, stride_xm, m, M, k0 + 32, K, 4, 32, 64)  # sub-blocks 2c + 1
+    dot_lo = _group_dots(x_lo, (q & 0xF).to(tl.float32))  # [BM, BN, 4]
+    dot_hi = _group_dots(x_hi, (q >> 4).to(tl.float32))
+    d = _f16_at(blk, n_ok)  # [BN, 1]
+    dmin = _f16_at(blk + 2, n_ok)
+    sc_lo, mn_lo = _k_scale_min(blk, 2 * c, n_ok)  # [BN, 4]
+    sc_hi, mn_hi = _k_scale_min(blk, 2 * c + 1, n_ok)
+    xs_lo = tl.sum(x_lo, axis=2)[:, None, :]  # [BM, 1, 4]
+    xs_hi = tl.sum(x_hi, axis=2)[:, None, :]
+    t = ((d * sc_lo)[None] * dot_lo + (d * sc_hi)[None] * dot_hi
+         - (dmin * mn_lo)[None] * xs_lo - (dmin * mn_hi)[None] * xs_hi)
+    return tl.sum(t, axis=2)
+
+
+@triton.jit
+def _q6_k_step(row, n_ok, k0, x_ptr, stride_xm, m, M, K):
+    blk = row + (k0 // 256) * 210  # [BN, 1]
+    g = tl.arange(0, 16)[None, :, None]  # 16 groups of 16 values, one int8 scale each: e = 16g + l16
+    h, t = g // 8, (g // 2) % 4  # e = 128h + 32t + l
+    l = 16 * (g % 2) + tl.arange(0, 16)[None, None, :]
+    blk3, ok3 = blk[:, :, None], n_ok[:, :, None]
+    low = (_byte(blk3 + h * 64 + 32 * (t % 2) + l, ok3) >> (4 * (t // 2))) & 0xF
+    high = (_byte(blk3 + 128 + h * 32 + l, ok3) >> (2 * t)) & 3
+    q = ((low | (high << 4)) - 32).to(tl.float32)  # [BN, 16, 16]
+    dots = _group_dots(_x_groups(x_ptr, stride_xm, m, M, k0, K, 16, 16, 16), q)  # [BM, BN, 16]
+    sc = tl.load(blk + 192 + tl.arange(0, 16)[None, :], mask=n_ok, other=0).to(tl.int8, bitcast=True)
+    ds = _f16_at(blk + 208, n_ok) * sc.to(tl.float32)  # [BN, 16]
+    return tl.sum(ds[None] * dots, axis=2)
+
+
+@triton.jit
+def _q5_0_step(row, n_ok, k0, x_ptr, stride_xm, m, M, K):
+    b = tl.arange(0, 8)[None, :]  # 8 blocks of 32 values
+    ok = n_ok & ((k0 + b * 32) < K)  # [BN, 8]
+    blk = row + (k0 // 32 + b) * 22  # [BN, 8]
+    e = tl.arange(0, 32)[None, None, :]
+    blk3, ok3 = blk[:, :, None], ok[:, :, None]
+    high = (_byte(blk3 + 2 + e // 8, ok3) >> (e % 8)) & 1
+    low = (_byte(blk3 + 6 + e % 16, ok3) >> (4 * (e // 16))) & 0xF
+    q = ((low | (high << 4)) - 16).to(tl.float32)  # [BN, 8, 32]
+    dots = _group_dots(_x_groups(x_ptr, stride_xm, m, M, k0, K, 8, 32, 32), q)  # [BM, BN, 8]
+    return tl.sum(_f16_at(blk, ok)[None] * dots, axis=2)
+
+
+@triton.jit
+def _q8_0_step(row, n_ok, k0, x_ptr, stride_xm, m, M, K):
+    b = tl.arange(0, 8)[None, :]
+    ok = n_ok & ((k0 + b * 32) < K)
+    blk = row + (k0 // 32 + b) * 34  # [BN, 8]
+    q = tl.load(blk[:, :, None] + 2 + tl.arange(0, 32)[None, None, :], mask=ok[:, :, None], other=0)
+    q = q.to(tl.int8, bitcast=True).to(tl.float32)  # [BN, 8, 32]
+    dots = _group_dots(_x_groups(x_ptr, stride_xm, m, M, k0, K, 8, 32, 32), q)
+    return tl.sum(_f16_at(blk, ok)[None] * dots, axis=2)
+
+
+@triton.jit
+def _blocked_gemv_kernel(x_ptr, w_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_os, stride_om,
+                         K_PER_SPLIT, QTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out[split, m, n] = Σ_{k in this split} x[m, k] · W[n, k], 256 values of k per step (K_PER_SPLIT a multiple)."""
+    pid_n, split = tl.program_id(0), tl.program_id(1)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    m = tl.arange(0, BLOCK_M)  # [BM]
+    row = w_ptr + n[:, None].to(tl.int64) * stride_wn  # [BN, 1]
+    n_ok = n[:, None] < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_begin = split * K_PER_SPLIT
+    for k0 in range(k_begin, tl.minimum(k_begin + K_PER_SPLIT, K), 256):
+        if QTYPE == 0:
+            acc += _q8_0_step(row, n_ok, k0, x_ptr, stride_xm, m, M, K)
+        elif QTYPE == 1:
+            acc += _q4_k_step(row, n_ok, k0, x_ptr, stride_xm, m, M, K)
+        elif QTYPE == 3:
+            acc += _q6_k_step(row, n_ok, k0, x_ptr, stride_xm, m, M, K)
+        else:
+            acc += _q5_0_step(row, n_ok, k0, x_ptr, stride_xm, m, M, K)
+    out = out_ptr + split * stride_os + m[:, None] * stride_om + n[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(m[:, None] < M) & (n[None, :] < N))
+
+
 @triton.jit
 def _gemm_kernel(x_ptr, w_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om, QTYPE: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
@@ -188,6 +297,40 @@ def _gemm_kernel(x_ptr, w_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om
 # ---- launcher ----
 
 
+@dataclasses.dataclass(frozen=True)
+class GemvConfig:
+    """Tiles of a GEMV launch: one program covers ``block_n`` outputs and ``block_k`` inputs per loop step.
+
+    ``blocked`` picks ``_blocked_gemv_kernel`` (types in ``BLOCKED_QTYPES``; its step is fixed at 256 inputs)
+    over the per-element ``_gemv_kernel``.
+    """
+
+    block_n: int = 16
+    block_k: int = 256
+    num_warps: int = 4
+    blocked: bool = True
+
+    def __post_init__(self) -> None:
+        if self.blocked and self.block_k != 256:
+            raise ValueError(f"block_k={self.block_k}: the blocked kernel steps 256 inputs at a time")
+        if self.block_k % 32 or self.block_n < 1 or self.block_n & (self.block_n - 1):
+            raise ValueError(f"block_n={self.block_n}, block_k={self.block_k}: need a power-of-2 block_n and "
+                             f"block_k a multiple of 32")
+
+
+BLOCKED_QTYPES: tuple[GGMLQuantizationType, ...] = (Q.Q8_0, Q.Q4_K, Q.Q6_K, Q.Q5_0)
+
+
+def gemv_config(qtype: GGMLQuantizationType, M: int, N: int, K: int) -> GemvConfig:
+    """The GEMV tiles for one call's shape, the best of ``scripts/gemv_sweep.py`` on an H100 over R1's shapes
+    (batch 1: 200-500 GB/s of weight bytes where the per-element kernel read 40-80)."""
+    if qtype not in BLOCKED_QTYPES:
+        return GemvConfig(8, 256, 4, blocked=False)
+    if qtype == Q.Q5_0:  # eight 22-byte blocks a step: more rows per program cost registers, not bandwidth
+        return GemvConfig(4, 256, 4)
+    return GemvConfig(16 if M <= 4 else 8, 256, 4)
+
+
 def _check(x: torch.Tensor, w_raw: torch.Tensor, qtype: GGMLQuantizationType, in_features: int) -> None:
     if qtype not in _QTYPE_ID:
         raise ValueError(f"qtype {qtype.name} has no kernel; allowed: {', '.join(q.name for q in KERNEL_QTYPES)}")
@@ -204,10 +347,11 @@ def _check(x: torch.Tensor, w_raw: torch.Tensor, qtype: GGMLQuantizationType, in
 
 
 def dequant_matmul(x: torch.Tensor, w_raw: torch.Tensor, qtype: GGMLQuantizationType, in_features: int,
-                   *, split_k: int | None = None) -> torch.Tensor:
+                   *, split_k: int | None = None, gemv: GemvConfig | None = None) -> torch.Tensor:
     """x [M, K] fp32|fp16|bf16 @ W.T, W given as GGUF bytes ``w_raw`` uint8 [N, bytes_per_row] -> [M, N] in x's dtype.
 
     ``split_k`` (GEMV path only) splits K over that many programs per N tile; by default enough to fill the GPU.
+    ``gemv`` overrides the GEMV path's tile sizes (default: :func:`gemv_config`).
     """
     qtype = GGMLQuantizationType(qtype)
     _check(x, w_raw, qtype, in_features)
@@ -216,7 +360,10 @@ def dequant_matmul(x: torch.Tensor, w_raw: torch.Tensor, qtype: GGMLQuantization
     if M == 0 or N == 0:
         return out
     if M <= GEMV_MAX_M:
-        BLOCK_N, BLOCK_K = 32, 64 if M <= 2 else 32
+        cfg = gemv or gemv_config(qtype, M, N, K)
+        if cfg.blocked and qtype not in BLOCKED_QTYPES:
+            raise ValueError(f"{qtype.name} has no blocked GEMV; allowed: {', '.join(q.name for q in BLOCKED_QTYPES)}")
+        BLOCK_N, BLOCK_K = cfg.block_n, cfg.block_k
         n_tiles = triton.cdiv(N, BLOCK_N)
         k_tiles = triton.cdiv(K, BLOCK_K)
         if split_k is None:
@@ -225,10 +372,17 @@ def dequant_matmul(x: torch.Tensor, w_raw: torch.Tensor, qtype: GGMLQuantization
         k_per_split = triton.cdiv(k_tiles, split_k) * BLOCK_K
         split_k = triton.cdiv(K, k_per_split)  # no empty splits
         partial = out if split_k == 1 else torch.empty(split_k, M, N, dtype=torch.float32, device=x.device)
-        _gemv_kernel[(n_tiles, split_k)](
-            x, w_raw, partial, M, N, K, x.stride(0), w_raw.stride(0), M * N, N, k_per_split,
-            QTYPE=_QTYPE_ID[qtype], BLOCK_M=triton.next_power_of_2(M), BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-        )
+        args = (x, w_raw, partial, M, N, K, x.stride(0), w_raw.stride(0), M * N, N, k_per_split)
+        if cfg.blocked:
+            _blocked_gemv_kernel[(n_tiles, split_k)](
+                *args, QTYPE=_QTYPE_ID[qtype], BLOCK_M=triton.next_power_of_2(M), BLOCK_N=BLOCK_N,
+                num_warps=cfg.num_warps,
+            )
+        else:
+            _gemv_kernel[(n_tiles, split_k)](
+                *args, QTYPE=_QTYPE_ID[qtype], BLOCK_M=triton.next_power_of_2(M), BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+                num_warps=cfg.num_warps,
+            )
         if split_k > 1:
             out.copy_(partial.sum(0))
         return out

@@ -83,12 +83,16 @@ class MLAttention(torch.nn.Module):
                 kv_pages: torch.Tensor) -> torch.Tensor:
         """Absorbed form, one new token per sequence: q_nope [B, H, nope] -> [B, H, v]."""
         max_len = max(meta.seq_lens_host)
-        q_lat = torch.einsum("bhn,hnr->bhr", q_nope.float(), self.w_kb.float())  # [B, H, rank]
         if kv_pages.is_cuda:  # the same math as below, paged and split over the sequence in one Triton kernel
             from ksdk.kernels.mla_decode import mla_decode
 
+            # In the weights' dtype (fp32 accumulation inside): an fp32 copy of W_kb and W_vb per step would
+            # cost more than the attention itself.
+            w_dtype = self.w_kb.dtype
+            q_lat = torch.einsum("bhn,hnr->bhr", q_nope.to(w_dtype), self.w_kb)  # [B, H, rank]
             o_lat = mla_decode(q_lat, q_pe, kv_pages, meta.page_table, meta.seq_lens, self.scale, max_seq_len=max_len)
-            return torch.einsum("bhr,hvr->bhv", o_lat, self.w_vb.float())
+            return torch.einsum("bhr,hvr->bhv", o_lat.to(w_dtype), self.w_vb)
+        q_lat = torch.einsum("bhn,hnr->bhr", q_nope.float(), self.w_kb.float())  # [B, H, rank]
         latent = self._gather(kv_pages, meta.page_table, max_len)  # [B, S, rank + rope]
         c_kv, k_pe = latent[..., : self.rank], latent[..., self.rank :]
         scores = torch.einsum("bhr,bsr->bhs", q_lat, c_kv) + torch.einsum("bhp,bsp->bhs", q_pe.float(), k_pe)

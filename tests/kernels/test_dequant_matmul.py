@@ -7,7 +7,15 @@ import pytest
 import torch
 from gguf.constants import GGMLQuantizationType as Q
 
-from ksdk.kernels.dequant_matmul import GEMV_MAX_M, KERNEL_QTYPES, dequant_matmul, dequant_matmul_reference
+from ksdk.kernels.dequant_matmul import (
+    BLOCKED_QTYPES,
+    GEMV_MAX_M,
+    KERNEL_QTYPES,
+    GemvConfig,
+    dequant_matmul,
+    dequant_matmul_reference,
+    gemv_config,
+)
 from ksdk.weights.quantize import quantize
 from ksdk.weights.quants import bytes_per_row
 
@@ -72,6 +80,32 @@ def test_split_k_equals_one_split(device: torch.device) -> None:
     whole = dequant_matmul(x, w, Q.Q4_K, K, split_k=1)
     torch.testing.assert_close(dequant_matmul(x, w, Q.Q4_K, K, split_k=3), whole, rtol=1e-5, atol=1e-5)
     _close(whole, dequant_matmul_reference(x, w, Q.Q4_K, K), torch.float32)
+
+
+@pytest.mark.parametrize("qtype", BLOCKED_QTYPES, ids=lambda q: q.name)
+@pytest.mark.parametrize("block_n", [4, 32])
+def test_blocked_gemv_matches_the_per_element_kernel(qtype: Q, block_n: int, device: torch.device) -> None:
+    # K = 800 leaves a partial 256-value step for the 32-value block types; 3 splits cut K off step bounds.
+    M, N = 3, 37
+    K = 512 if qtype in (Q.Q4_K, Q.Q6_K) else 800
+    w = random_rows(qtype, N, K, seed=block_n).to(device)
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(1)).to(device)
+    per_element = dequant_matmul(x, w, qtype, K, gemv=GemvConfig(16, 64, 4, blocked=False))
+    for split_k in (1, 3):
+        y = dequant_matmul(x, w, qtype, K, split_k=split_k, gemv=GemvConfig(block_n, 256, 4))
+        _close(y, per_element, torch.float32)  # fp32 sums in another order
+    _close(per_element, dequant_matmul_reference(x, w, qtype, K), torch.float32)
+
+
+def test_gemv_config_choice_and_checks() -> None:
+    assert gemv_config(Q.Q4_K, 1, 18432, 7168).blocked
+    assert not gemv_config(Q.Q5_K, 1, 18432, 7168).blocked  # no blocked decoder: the per-element kernel
+    with pytest.raises(ValueError, match="steps 256 inputs"):
+        GemvConfig(16, 128, 4)
+    with pytest.raises(ValueError, match="power-of-2 block_n"):
+        GemvConfig(12, 256, 4)
+    with pytest.raises(ValueError, match="Q5_K has no blocked GEMV"):
+        dequant_matmul(torch.zeros(1, 256), random_rows(Q.Q5_K, 4, 256), Q.Q5_K, 256, gemv=GemvConfig())
 
 
 def test_strided_rows_of_x(device: torch.device) -> None:
