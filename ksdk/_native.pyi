@@ -5,6 +5,12 @@ from typing import Any
 def cpu_features() -> dict[str, bool]:
     """Which kernel families this CPU can run: avx2, avx512vnni, amx_int8."""
 
+def prefetch_distance() -> int:
+    """Bytes the k-quant kernels prefetch ahead of their weight reads (process-wide)."""
+
+def set_prefetch_distance(num_bytes: int) -> None:
+    """Sets it (0..65536; 0: no software prefetch). ValueError outside that range."""
+
 def read_bandwidth(num_bytes: int, num_threads: int, repeats: int = 3) -> float:
     """Best-of-repeats multi-threaded read bandwidth over a num_bytes buffer, in GB/s."""
 

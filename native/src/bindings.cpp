@@ -67,6 +67,8 @@ PYBIND11_MODULE(_native, m) {
     d["amx_int8"] = f.amx_int8;
     return d;
   });
+  m.def("prefetch_distance", &prefetch_distance);
+  m.def("set_prefetch_distance", &set_prefetch_distance, "num_bytes"_a);
   m.def("read_bandwidth", &read_bandwidth_gbs, "num_bytes"_a, "num_threads"_a, "repeats"_a = 3,
         py::call_guard<py::gil_scoped_release>());
   m.def(

@@ -1,6 +1,8 @@
 #include "ksdk/cpu_features.h"
 
+#include <atomic>
 #include <stdexcept>
+#include <string>
 
 namespace ksdk {
 
@@ -35,4 +37,21 @@ const RowDotTable& select_row_dot(const std::string& isa) {
   throw std::invalid_argument("isa='" + isa + "' is unknown; allowed: auto, scalar, avx2, avx512vnni");
 }
 
+}  // namespace ksdk
+
+namespace ksdk {
+namespace {
+// 2 KB ahead was best of 0.5-4 KB on the lent 16-core Xeon host at T=1..64 (see native/README.md); settable
+// because the best value depends on memory latency and on how many cores share the bandwidth.
+std::atomic<int> g_prefetch_distance{2048};
+}  // namespace
+
+int prefetch_distance() { return g_prefetch_distance.load(std::memory_order_relaxed); }
+
+void set_prefetch_distance(int num_bytes) {
+  if (num_bytes < 0 || num_bytes > kMaxPrefetchDistance)
+    throw std::invalid_argument("prefetch distance " + std::to_string(num_bytes) + " bytes is out of range; allowed: 0.." +
+                                std::to_string(kMaxPrefetchDistance) + " (0: no software prefetch)");
+  g_prefetch_distance.store(num_bytes, std::memory_order_relaxed);
+}
 }  // namespace ksdk

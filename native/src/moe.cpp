@@ -16,13 +16,12 @@ namespace {
 constexpr int kGateUpTile = 16;  // rows per work item: small enough to keep every thread busy at T=1
 constexpr int kDownTile = 16;
 
-constexpr int kPrefetchRows = 2;  // rows ahead: short rows (1.7-4 KB) are too short for the hardware prefetcher
-
 float silu(float v) { return v / (1.f + std::exp(-v)); }
 
-// Asks for one weight row ahead of its use, so a thread keeps several memory reads in flight.
-inline void prefetch_row(const uint8_t* row, int64_t bytes) {
-  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(row + off, 0, 0);
+// Prefetches the start of a row the kernels will stream (they keep prefetch_distance() bytes ahead).
+inline void prefetch_head(const uint8_t* row, int64_t row_bytes) {
+  const int64_t bytes = std::min<int64_t>(prefetch_distance(), row_bytes);
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(row + off, 0, 3);
 }
 
 }  // namespace
@@ -143,26 +142,34 @@ void MoeRunner::gate_up(int worker) {
   const RowDot gate_dot = kernels_.get(gate_.type), up_dot = kernels_.get(up_.type);
   float* g = scratch_[worker].data();
   float* u = g + max_tokens_per_expert_;
-  for (int item; (item = next_item_[1].next.fetch_add(1)) < n_items;) {
+  auto gate_row = [&](int item, int r) {
+    return gate_.data + active_experts_[item / tiles_per_expert] * gate_.expert_stride + r * gate_.row_stride;
+  };
+  auto first_row = [&](int item) { return (item % tiles_per_expert) * kGateUpTile; };
+  // The next item is claimed before this one ends, so the kernels stream on into it without a gap.
+  int item = next_item_[1].next.fetch_add(1);
+  if (item < n_items) prefetch_head(gate_row(item, first_row(item)), gate_.row_stride);
+  while (item < n_items) {
+    const int next_item = next_item_[1].next.fetch_add(1);
     const int a = item / tiles_per_expert, e = active_experts_[a];
     const int begin = expert_begin_[a], n_tok = expert_begin_[a + 1] - begin;
-    const int r0 = (item % tiles_per_expert) * kGateUpTile, r1 = std::min(I, r0 + kGateUpTile);
+    const int r0 = first_row(item), r1 = std::min(I, r0 + kGateUpTile);
     const uint8_t* gate_rows = gate_.data + e * gate_.expert_stride;
     const uint8_t* up_rows = up_.data + e * up_.expert_stride;
-    const int64_t gate_bytes = gate_.row_stride, up_bytes = up_.row_stride;
-    for (int r = r0; r < std::min(r1, r0 + kPrefetchRows); ++r) {
-      prefetch_row(gate_rows + r * gate_.row_stride, gate_bytes);
-      prefetch_row(up_rows + r * up_.row_stride, up_bytes);
-    }
     for (int r = r0; r < r1; ++r) {
-      if (r + kPrefetchRows < r1) {
-        prefetch_row(gate_rows + (r + kPrefetchRows) * gate_.row_stride, gate_bytes);
-        prefetch_row(up_rows + (r + kPrefetchRows) * up_.row_stride, up_bytes);
-      }
-      gate_dot(gate_rows + r * gate_.row_stride, gate_acts_.data() + begin, n_tok, H, g);
-      up_dot(up_rows + r * up_.row_stride, up_acts_.data() + begin, n_tok, H, u);
+      const uint8_t* up_row = up_rows + r * up_.row_stride;
+      // Hints go only to rows of the same type (a kernel streams `distance` bytes of its own row length).
+      const bool same_type = up_.type == gate_.type;
+      const uint8_t* after = !same_type         ? nullptr
+                             : r + 1 < r1        ? gate_rows + (r + 1) * gate_.row_stride
+                             : next_item < n_items ? gate_row(next_item, first_row(next_item))
+                                                   : nullptr;
+      gate_dot(gate_rows + r * gate_.row_stride, same_type ? up_row : nullptr, gate_acts_.data() + begin, n_tok,
+               H, g);
+      up_dot(up_row, after, up_acts_.data() + begin, n_tok, H, u);
       for (int j = 0; j < n_tok; ++j) h_[size_t(begin + j) * I + r] = silu(g[j]) * u[j];
     }
+    item = next_item;
   }
 }
 
@@ -176,23 +183,32 @@ void MoeRunner::quantize_intermediate() {
 void MoeRunner::down(int worker) {
   const int H = down_.rows, I = down_.cols, T = call_.num_tokens;
   const int n_items = (H + kDownTile - 1) / kDownTile;
+  const int n_active = int(active_experts_.size());
   const RowDot down_dot = kernels_.get(down_.type);
   float* y = scratch_[worker].data();
-  for (int item; (item = next_item_[3].next.fetch_add(1)) < n_items;) {
+  auto row_of = [&](int a, int r) {
+    return down_.data + active_experts_[a] * down_.expert_stride + r * down_.row_stride;
+  };
+  int item = next_item_[3].next.fetch_add(1);
+  if (item < n_items) prefetch_head(row_of(0, item * kDownTile), down_.row_stride);
+  while (item < n_items) {
+    const int next_item = next_item_[3].next.fetch_add(1);
     const int r0 = item * kDownTile, r1 = std::min(H, r0 + kDownTile);
     for (int t = 0; t < T; ++t)
       for (int r = r0; r < r1; ++r) call_.out[size_t(t) * H + r] = 0.f;
-    for (size_t a = 0; a < active_experts_.size(); ++a) {
+    for (int a = 0; a < n_active; ++a) {
       const int begin = expert_begin_[a], n_tok = expert_begin_[a + 1] - begin;
-      const uint8_t* rows = down_.data + active_experts_[a] * down_.expert_stride;
-      for (int r = r0; r < std::min(r1, r0 + kPrefetchRows); ++r) prefetch_row(rows + r * down_.row_stride, down_.row_stride);
       for (int r = r0; r < r1; ++r) {
-        if (r + kPrefetchRows < r1) prefetch_row(rows + (r + kPrefetchRows) * down_.row_stride, down_.row_stride);
-        down_dot(rows + r * down_.row_stride, down_acts_.data() + begin, n_tok, I, y);
+        const uint8_t* after = r + 1 < r1         ? row_of(a, r + 1)
+                               : a + 1 < n_active ? row_of(a + 1, r0)
+                               : next_item < n_items ? row_of(0, next_item * kDownTile)
+                                                     : nullptr;
+        down_dot(row_of(a, r), after, down_acts_.data() + begin, n_tok, I, y);
         for (int j = 0; j < n_tok; ++j)
           call_.out[size_t(assign_token_[begin + j]) * H + r] += assign_weight_[begin + j] * y[j];
       }
     }
+    item = next_item;
   }
 }
 

@@ -33,6 +33,7 @@ void quantize_row_q8k(const float* x, int n, BlockQ8K* y) {
       int s = 0;
       for (int i = 0; i < 16; ++i) s += blk.qs[g * 16 + i];
       blk.bsums[g] = int16_t(s);
+      blk.fsums[g] = blk.d * float(s);
     }
   }
 }

@@ -141,6 +141,25 @@ def test_thread_counts_give_identical_results(layer) -> None:
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
 
 
+def test_prefetch_distance_changes_no_result(layer) -> None:
+    native = load_native()
+    x = torch.randn(12, 256)
+    ids, weights = routing(12, 6, 16, skewed=False)
+    experts = CPUExperts(*layer, num_threads=2)
+    default = native.prefetch_distance()
+    try:
+        outs = []
+        for distance in (0, 64, 1000, 1 << 16):  # none, a line, not a line multiple, past every row
+            native.set_prefetch_distance(distance)
+            assert native.prefetch_distance() == distance
+            outs.append(experts.forward(x, ids, weights))
+        with pytest.raises(ValueError, match=r"allowed: 0\.\.65536"):
+            native.set_prefetch_distance(-1)
+    finally:
+        native.set_prefetch_distance(default)
+    assert all(torch.equal(outs[0], out) for out in outs[1:])
+
+
 def test_default_threads_leave_a_core_free(layer) -> None:
     assert CPUExperts(*layer).num_threads == default_num_threads()
     assert 1 <= default_num_threads() <= max(1, len(__import__("os").sched_getaffinity(0)) - 1)

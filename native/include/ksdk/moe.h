@@ -9,7 +9,9 @@
 
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <memory>
+#include <new>
 #include <string>
 #include <vector>
 
@@ -18,6 +20,26 @@
 #include "ksdk/thread_pool.h"
 
 namespace ksdk {
+
+// Allocates on 64-byte boundaries: activation blocks (BlockQ8K) are cache-line aligned only in such buffers.
+template <typename T>
+struct CacheLineAllocator {
+  using value_type = T;
+  CacheLineAllocator() = default;
+  template <typename U>
+  CacheLineAllocator(const CacheLineAllocator<U>&) {}
+  T* allocate(size_t n) {
+    void* p = std::aligned_alloc(64, (n * sizeof(T) + 63) / 64 * 64);
+    if (!p) throw std::bad_alloc();
+    return static_cast<T*>(p);
+  }
+  void deallocate(T* p, size_t) { std::free(p); }
+  template <typename U>
+  bool operator==(const CacheLineAllocator<U>&) const { return true; }
+  template <typename U>
+  bool operator!=(const CacheLineAllocator<U>&) const { return false; }
+};
+using AlignedBytes = std::vector<uint8_t, CacheLineAllocator<uint8_t>>;
 
 // One 3-D expert tensor in GGUF blocks: expert e, row r starts at data + e*expert_stride + r*row_stride.
 struct ExpertTensor {
@@ -72,7 +94,7 @@ class MoeRunner {
   std::vector<float> assign_weight_;
   int max_tokens_per_expert_ = 0;
   // Quantized activations and the per-assignment pointers the kernels take.
-  std::vector<uint8_t> x_gate_q_, x_up_q_, h_q_;
+  AlignedBytes x_gate_q_, x_up_q_, h_q_;
   bool up_shares_gate_act_;
   std::vector<const uint8_t*> gate_acts_, up_acts_, down_acts_;
   std::vector<float> h_;  // [n_assign, I]: SiLU(gate) * up

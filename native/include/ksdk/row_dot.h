@@ -9,7 +9,18 @@ namespace ksdk {
 
 // out[t] = dot(weight row, activation row acts[t]) for t < n_tok. The row holds n_values values in the
 // weight's GGUF blocks; each activation row is in act_format(weight type). fp32 accumulation.
-using RowDot = void (*)(const uint8_t* row, const uint8_t* const* acts, int n_tok, int n_values, float* out);
+// `next` is a hint: the row (same type and length) the caller computes after this one, or null. The SIMD
+// k-quant kernels keep prefetch_distance() bytes ahead of their reads in flight, running on into `next`,
+// so the caller should have prefetched this row's first prefetch_distance() bytes. One memory stream per
+// thread with a steady distance keeps enough misses in flight without bursts; a short row (1.7-4 KB) is
+// too short for the hardware prefetcher to ramp up. Other kernels ignore it.
+using RowDot = void (*)(const uint8_t* row, const uint8_t* next, const uint8_t* const* acts, int n_tok,
+                        int n_values, float* out);
+
+// Bytes the k-quant kernels prefetch ahead of their reads (process-wide; 0 turns software prefetch off).
+constexpr int kMaxPrefetchDistance = 1 << 16;
+int prefetch_distance();
+void set_prefetch_distance(int num_bytes);  // throws std::invalid_argument outside 0..kMaxPrefetchDistance
 
 struct RowDotTable {
   const char* isa;
