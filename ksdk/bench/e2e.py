@@ -28,10 +28,12 @@ import torch
 
 from ksdk.bench.random_blocks import random_expert_tensor
 from ksdk.layers.attention_metadata import AttentionMetadata
+from ksdk.layers.mla import MLAttention
 from ksdk.layers.moe import RoutedExperts
 from ksdk.models import DeepseekForCausalLM, load_model
 from ksdk.offload.cpu_experts import default_num_threads
 from ksdk.offload.native import load_native
+from ksdk.offload.routed import NativeRoutedExperts
 from ksdk.testing import QTYPE_POLICIES, TinyModelSpec, cache_dir
 from ksdk.testing.tiny_models import add_metadata
 from ksdk.weights.gguf_file import GGUFFile
@@ -56,6 +58,7 @@ class E2EConfig:
     dtype: torch.dtype = torch.bfloat16
     small: bool = False
     profile: bool = False  # print torch.profiler's op table for one decode step at the first batch size
+    cuda_graphs: bool = True  # decode attention replayed from CUDA graphs (MLAttention.use_cuda_graphs)
 
 
 def _r1_config() -> dict:
@@ -205,6 +208,16 @@ class _TimedExperts:
         return out
 
 
+class _NoExperts:
+    """Stands in for ``CPUExperts`` behind the GPU bridge: its copies and syncs still run, the experts add zero."""
+
+    def submit(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, out: torch.Tensor) -> None:
+        out.zero_()
+
+    def wait(self) -> None:
+        pass
+
+
 @dataclass(frozen=True)
 class LayerTimes:
     """Milliseconds per step of one layer: all of it, and the part in routed experts on the CPU."""
@@ -245,6 +258,18 @@ class _Runner:
         for _ in range(self.config.decode_steps):
             self._step(*inputs)
         return (self.clock.now() - start) / self.config.decode_steps
+
+    def gpu_side_seconds(self, batch: int) -> float:
+        """Seconds per decode step with the routed experts' compute taken out (their transfers kept): the part
+        of a step that the GPU path costs on top of the CPU experts."""
+        saved = [(layer.ffn, layer.ffn.experts) for layer in self.model.layers if hasattr(layer.ffn, "experts")]
+        try:
+            for moe, _ in saved:
+                moe.experts = NativeRoutedExperts(_NoExperts(), self.device)  # type: ignore[arg-type]
+            return self.decode_seconds(batch)
+        finally:
+            for moe, experts in saved:
+                moe.experts = experts
 
     def prefill_seconds(self, tokens: int) -> float:
         pages = list(range(-(-tokens // self.page_size)))
@@ -332,7 +357,8 @@ def run_e2e(config: E2EConfig) -> None:
     full_layers, full_dense = r1["num_hidden_layers"], r1["first_k_dense_replace"]
     spec = r1_spec(config.layers, config.dense_layers, small=config.small)
     print(f"ksdk e2e benchmark: {'tiny' if config.small else 'R1'}-shaped, {spec.num_layers} layers "
-          f"({spec.num_dense_layers} dense), Q4_K_M-like mix, {config.dtype} on {device}", flush=True)
+          f"({spec.num_dense_layers} dense), Q4_K_M-like mix, {config.dtype} on {device}"
+          f"{'' if config.cuda_graphs or device.type != 'cuda' else ', no CUDA graphs'}", flush=True)
     print("  synthetic file (cached after the first run) ...", flush=True)
     path = synthetic_gguf(spec)
     gguf_file = GGUFFile.open(path)
@@ -340,6 +366,9 @@ def run_e2e(config: E2EConfig) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model = load_model(gguf_file, device=device, dtype=config.dtype, experts="native")
+    for module in model.modules():
+        if isinstance(module, MLAttention):
+            module.use_cuda_graphs = config.cuda_graphs
     runner = _Runner(model, config)
     _prefault_experts(gguf_file, spec.num_layers, spec.num_dense_layers)
 
@@ -366,6 +395,7 @@ def run_e2e(config: E2EConfig) -> None:
     moe_full = full_layers - full_dense
     print(f"{'decode':>8} {'tok/s':>8} {'ms/step':>8} | {'dense ms':>9} {'MoE ms':>7} {'of it CPU':>9} "
           f"{'GPU+xfer':>8} | {'61-layer tok/s':>14} {'floor tok/s':>11} {'share':>6}")
+    gpu_side: list[tuple[int, float, float]] = []  # batch, GPU-side ms/step, CPU-expert ms/step
     for batch in config.batches:
         step = runner.decode_seconds(batch)
         times, profiled = runner.layer_times(batch)
@@ -379,8 +409,13 @@ def run_e2e(config: E2EConfig) -> None:
         distinct = E * (1 - (1 - k / E) ** batch)  # expected experts a layer reads for `batch` random tokens
         floor_tps = batch * host_gbs * 1e9 / (moe_full * distinct * expert_mb * 1e6)
         full_tps = batch / full_ms * 1e3
+        gpu_side.append((batch, 1e3 * runner.gpu_side_seconds(batch), cpu_ms * len(moe)))
         print(f"{batch:>8} {batch / step:>8.1f} {1e3 * step:>8.1f} | {dense_ms:>9.2f} {moe_ms:>7.2f} {cpu_ms:>9.2f} "
               f"{moe_ms - cpu_ms:>8.2f} | {full_tps:>14.2f} {floor_tps:>11.2f} {full_tps / floor_tps:>6.0%}", flush=True)
+    print(f"\n{'decode':>8} {'GPU-side ms/step':>16} {'CPU experts ms/step':>19} {'GPU/CPU':>8}   "
+          f"(GPU side: a step with the experts' compute stubbed out, their transfers kept)")
+    for batch, gpu_ms, cpu_step_ms in gpu_side:
+        print(f"{batch:>8} {gpu_ms:>16.2f} {cpu_step_ms:>19.2f} {gpu_ms / max(cpu_step_ms, 1e-9):>8.0%}")
     if config.profile:
         print()
         print(runner.profile(config.batches[0]), flush=True)
@@ -417,7 +452,8 @@ def _run(args: argparse.Namespace) -> int:
         raise SystemExit(f"--dense-layers {args.dense_layers}: need 0 <= dense layers < --layers {args.layers}")
     run_e2e(E2EConfig(layers=args.layers, dense_layers=args.dense_layers, batches=args.batches,
                       prefill=args.prefill, context=args.context, decode_steps=args.steps, device=args.device,
-                      dtype=_DTYPES[args.dtype], small=args.small, profile=args.profile))
+                      dtype=_DTYPES[args.dtype], small=args.small, profile=args.profile,
+                      cuda_graphs=not args.no_graphs))
     return 0
 
 
@@ -441,4 +477,5 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--small", action="store_true", help="tiny dimensions: a smoke run on any machine")
     parser.add_argument("--profile", action="store_true",
                         help="also print torch.profiler's op table for one decode step at the first batch size")
+    parser.add_argument("--no-graphs", action="store_true", help="decode attention with eager launches, no CUDA graphs")
     parser.set_defaults(run=_run)

@@ -3,10 +3,14 @@
 The cache holds only [c_kv | k_pe] (kv_lora_rank + rope_dim values) per token per layer. Prefill expands
 the context's latents into per-head keys and values (the naive form); decode uses the absorbed form:
 q_nope·W_kb scores a 512-vector against c_kv directly and W_vb maps the weighted c_kv back out.
+
+On a GPU, a decode batch's whole attention (about 50 kernels) is captured once per batch size and length
+bucket as a CUDA graph and replayed: at batch 1 the launches, not the bytes, were most of its time.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING
 
 import torch
@@ -20,6 +24,74 @@ if TYPE_CHECKING:
     from ksdk.models.config import ModelConfig
 
 __all__ = ["MLAttention"]
+
+GRAPH_MAX_BATCH = 32  # decode batches up to this size are replayed from CUDA graphs (one per size and bucket)
+
+
+class _GraphPool:
+    """One CUDA graph memory pool for every layer's captures: graphs replay one after another, so their
+    intermediates can share memory (each graph's output buffer stays its own)."""
+
+    def __init__(self) -> None:
+        self._handle: object | None = None
+
+    @property
+    def handle(self) -> object:
+        if self._handle is None:
+            self._handle = torch.cuda.graph_pool_handle()
+        return self._handle
+
+
+_GRAPH_POOL = _GraphPool()
+
+
+def _length_bucket(max_len: int) -> int:
+    """Sequence lengths a captured decode serves: up to the next power of two (at least 256)."""
+    return max(256, 1 << (max_len - 1).bit_length())
+
+
+class _CapturedDecode:
+    """One layer's decode attention for one batch size and length bucket, captured as a CUDA graph.
+
+    Inputs are copied into static buffers before each replay; the output is a static buffer that the next
+    replay of this graph overwrites (the caller adds it to the residual at once)."""
+
+    def __init__(self, attn: MLAttention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 meta: AttentionMetadata, kv_pages: torch.Tensor, max_seq_len: int) -> None:
+        self.x, self.cos, self.sin = x.clone(), cos.clone(), sin.clone()
+        pages = -(-max_seq_len // meta.page_size)  # the page table is as wide as the bucket needs
+        page_table = meta.page_table.new_zeros(x.shape[0], pages)
+        self._copy_pages(page_table, meta.page_table)
+        self.meta = dataclasses.replace(meta, seq_lens=meta.seq_lens.clone(), page_table=page_table,
+                                        slot_mapping=meta.slot_mapping.clone())
+
+        def run() -> torch.Tensor:
+            return attn._attend(self.x, self.cos, self.sin, self.meta, kv_pages, max_seq_len)
+
+        side = torch.cuda.Stream(x.device)
+        side.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(side):  # warm-up outside the capture: compiles kernels, sets up cuBLAS
+            run()
+        torch.cuda.current_stream(x.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=_GRAPH_POOL.handle):
+            self.out = run()
+
+    def replay(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        self.x.copy_(x)
+        self.cos.copy_(cos)
+        self.sin.copy_(sin)
+        self.meta.seq_lens.copy_(meta.seq_lens)
+        self._copy_pages(self.meta.page_table, meta.page_table)
+        self.meta.slot_mapping.copy_(meta.slot_mapping)
+        self.graph.replay()
+        return self.out
+
+    @staticmethod
+    def _copy_pages(static: torch.Tensor, page_table: torch.Tensor) -> None:
+        """Pages past the bucket's width are never read: every sequence is within the bucket."""
+        width = min(static.shape[1], page_table.shape[1])
+        static[:, :width].copy_(page_table[:, :width])
 
 
 class MLAttention(torch.nn.Module):
@@ -46,6 +118,8 @@ class MLAttention(torch.nn.Module):
         self.kv_a, self.kv_a_norm, self.o_proj = kv_a, kv_a_norm, o_proj
         self.register_buffer("w_kb", w_kb, persistent=False)
         self.register_buffer("w_vb", w_vb, persistent=False)
+        self.use_cuda_graphs = True  # decode batches on a GPU replay captured graphs (see _CapturedDecode)
+        self._graphs: dict[tuple[int, ...], _CapturedDecode] = {}  # (batch, bucket, cache address and shape)
 
     def forward(
         self,
@@ -55,6 +129,20 @@ class MLAttention(torch.nn.Module):
         meta: AttentionMetadata,
         kv_pages: torch.Tensor,  # [num_pages, page_size, rank + rope]
     ) -> torch.Tensor:
+        B = x.shape[0]
+        if (self.use_cuda_graphs and kv_pages.is_cuda and meta.is_decode and B <= GRAPH_MAX_BATCH
+                and not torch.cuda.is_current_stream_capturing()):
+            bucket = _length_bucket(max(meta.seq_lens_host))
+            key = (B, bucket, kv_pages.data_ptr(), *kv_pages.shape)
+            graph = self._graphs.get(key)
+            if graph is None:
+                graph = self._graphs[key] = _CapturedDecode(self, x, cos, sin, meta, kv_pages, bucket)
+            return graph.replay(x, cos, sin, meta)
+        return self._attend(x, cos, sin, meta, kv_pages, max(meta.seq_lens_host))
+
+    def _attend(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata,
+                kv_pages: torch.Tensor, max_seq_len: int) -> torch.Tensor:
+        """The attention itself; ``max_seq_len`` (>= every sequence's length) sizes the decode kernel's splits."""
         T = x.shape[0]
         q = self.q_proj(x) if self.q_proj is not None else self.q_b(self.q_a_norm(self.q_a(x)))
         q = q.view(T, self.num_heads, self.nope + self.rope_dim)
@@ -68,7 +156,7 @@ class MLAttention(torch.nn.Module):
         kv_pages.view(-1, latent.shape[-1])[meta.slot_mapping] = latent.to(kv_pages.dtype)
 
         if meta.is_decode:
-            out = self._decode(q_nope, q_pe, meta, kv_pages)
+            out = self._decode(q_nope, q_pe, meta, kv_pages, max_seq_len)
         else:
             out = self._prefill(q_nope, q_pe, meta, kv_pages)
         return self.o_proj(out.reshape(T, self.num_heads * self.v_dim).to(x.dtype))
@@ -80,9 +168,8 @@ class MLAttention(torch.nn.Module):
         return pages.flatten(1, 2)[:, :length].float()
 
     def _decode(self, q_nope: torch.Tensor, q_pe: torch.Tensor, meta: AttentionMetadata,
-                kv_pages: torch.Tensor) -> torch.Tensor:
+                kv_pages: torch.Tensor, max_len: int) -> torch.Tensor:
         """Absorbed form, one new token per sequence: q_nope [B, H, nope] -> [B, H, v]."""
-        max_len = max(meta.seq_lens_host)
         if kv_pages.is_cuda:  # the same math as below, paged and split over the sequence in one Triton kernel
             from ksdk.kernels.mla_decode import mla_decode
 

@@ -61,7 +61,7 @@ def test_reference_is_mlattention_decode_math() -> None:
     attn.register_buffer("w_kb", w_kb)
     attn.register_buffer("w_vb", w_vb)
     meta = AttentionMetadata.build([1, 1], seq_lens.tolist(), [row.tolist() for row in table], PAGE_SIZE)
-    expected = attn._decode(q_nope, q_pe, meta, kv)  # [B, H, v]
+    expected = attn._decode(q_nope, q_pe, meta, kv, max(meta.seq_lens_host))  # [B, H, v]
     o_lat = mla_decode_reference(torch.einsum("bhn,hnr->bhr", q_nope, w_kb), q_pe, kv, table, seq_lens, SCALE)
     torch.testing.assert_close(torch.einsum("bhr,hvr->bhv", o_lat, w_vb), expected)
 
