@@ -2,7 +2,7 @@
 # GPU checks and the end-to-end benchmark, run on the GPU machine from the repository root:
 #   bash scripts/gpu_check.sh [extra args for `python -m ksdk.bench e2e`]
 # Installs the project (building the native CPU experts), runs the kernel tests natively on the GPU (the same
-# grids CI runs in Triton's interpreter), the GPU-only tests, then the benchmark. Prints everything and exits
+# grids CI runs in Triton's interpreter), the GPU-only tests, the decode-GEMV tile sweep, then the benchmark. Prints everything and exits
 # non-zero if any step failed, after running the rest.
 set -u -o pipefail
 PYTHON="${PYTHON:-python}"
@@ -21,6 +21,7 @@ step "$PYTHON" -c "import torch, triton; print('torch', torch.__version__, 'cuda
 step "$PYTHON" -m pip install --no-deps --no-build-isolation -e .
 step "$PYTHON" -m pytest -q -p no:cacheprovider -m "not gpu" tests/kernels
 step "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider tests/kernels tests/models
+step "$PYTHON" scripts/gemv_sweep.py 1,4
 step "$PYTHON" -m ksdk.bench e2e "$@"
 
 echo
