@@ -9,7 +9,13 @@ def prefetch_distance() -> int:
     """Bytes the k-quant kernels prefetch ahead of their weight reads (process-wide)."""
 
 def set_prefetch_distance(num_bytes: int) -> None:
-    """Sets it (0..65536; 0: no software prefetch). ValueError outside that range."""
+    """Sets it (0..65536; 0: no L1 prefetch stream). ValueError outside that range."""
+
+def prefetch_next_row() -> bool:
+    """Whether the k-quant kernels also stream the next row into L2 one row ahead (process-wide; default off)."""
+
+def set_prefetch_next_row(on: bool) -> None:
+    """Turns that L2 stream on or off."""
 
 def read_bandwidth(num_bytes: int, num_threads: int, repeats: int = 3) -> float:
     """Best-of-repeats multi-threaded read bandwidth over a num_bytes buffer, in GB/s."""

@@ -69,6 +69,8 @@ PYBIND11_MODULE(_native, m) {
   });
   m.def("prefetch_distance", &prefetch_distance);
   m.def("set_prefetch_distance", &set_prefetch_distance, "num_bytes"_a);
+  m.def("prefetch_next_row", &prefetch_next_row);
+  m.def("set_prefetch_next_row", &set_prefetch_next_row, "on"_a);
   m.def("read_bandwidth", &read_bandwidth_gbs, "num_bytes"_a, "num_threads"_a, "repeats"_a = 3,
         py::call_guard<py::gil_scoped_release>());
   m.def(

@@ -41,17 +41,22 @@ const RowDotTable& select_row_dot(const std::string& isa) {
 
 namespace ksdk {
 namespace {
-// 2 KB ahead was best of 0.5-4 KB on the lent 16-core Xeon host at T=1..64 (see native/README.md); settable
-// because the best value depends on memory latency and on how many cores share the bandwidth.
+// 2 KB ahead into L1, no L2 row-ahead stream: the most consistent of the settings swept on the lent
+// 16-core Xeon host (see native/README.md); settable because the best depends on memory latency and
+// on how many cores share the bandwidth.
 std::atomic<int> g_prefetch_distance{2048};
+std::atomic<bool> g_prefetch_next_row{false};
 }  // namespace
 
 int prefetch_distance() { return g_prefetch_distance.load(std::memory_order_relaxed); }
+bool prefetch_next_row() { return g_prefetch_next_row.load(std::memory_order_relaxed); }
+void set_prefetch_next_row(bool on) { g_prefetch_next_row.store(on, std::memory_order_relaxed); }
 
 void set_prefetch_distance(int num_bytes) {
   if (num_bytes < 0 || num_bytes > kMaxPrefetchDistance)
-    throw std::invalid_argument("prefetch distance " + std::to_string(num_bytes) + " bytes is out of range; allowed: 0.." +
-                                std::to_string(kMaxPrefetchDistance) + " (0: no software prefetch)");
+    throw std::invalid_argument("prefetch distance " + std::to_string(num_bytes) +
+                                " bytes is out of range; allowed: 0.." + std::to_string(kMaxPrefetchDistance) +
+                                " (0: no L1 prefetch stream)");
   g_prefetch_distance.store(num_bytes, std::memory_order_relaxed);
 }
 }  // namespace ksdk

@@ -66,7 +66,8 @@ void unpack_q6k(const BlockQ6K& b, Unpacked& u) {
 }
 
 template <typename Block, void (*Unpack)(const Block&, Unpacked&)>
-void dot_kquant(const uint8_t* row, const uint8_t* /*next*/, const uint8_t* const* acts, int n_tok, int n_values, float* out) {
+void dot_kquant(const uint8_t* row, const uint8_t* /*next*/, const uint8_t* const* acts, int n_tok,
+                int n_values, float* out) {
   const Block* blocks = reinterpret_cast<const Block*>(row);
   for (int t = 0; t < n_tok; ++t) out[t] = 0.f;
   Unpacked u;
@@ -86,7 +87,8 @@ void dot_kquant(const uint8_t* row, const uint8_t* /*next*/, const uint8_t* cons
   }
 }
 
-void dot_q8_0(const uint8_t* row, const uint8_t* /*next*/, const uint8_t* const* acts, int n_tok, int n_values, float* out) {
+void dot_q8_0(const uint8_t* row, const uint8_t* /*next*/, const uint8_t* const* acts, int n_tok,
+                int n_values, float* out) {
   const BlockQ8_0* blocks = reinterpret_cast<const BlockQ8_0*>(row);
   for (int t = 0; t < n_tok; ++t) {
     const BlockQ8A* a = reinterpret_cast<const BlockQ8A*>(acts[t]);
@@ -101,7 +103,8 @@ void dot_q8_0(const uint8_t* row, const uint8_t* /*next*/, const uint8_t* const*
 }
 
 template <float (*ToF32)(uint16_t)>
-void dot_half(const uint8_t* row, const uint8_t* /*next*/, const uint8_t* const* acts, int n_tok, int n_values, float* out) {
+void dot_half(const uint8_t* row, const uint8_t* /*next*/, const uint8_t* const* acts, int n_tok,
+                int n_values, float* out) {
   const uint16_t* w = reinterpret_cast<const uint16_t*>(row);
   for (int t = 0; t < n_tok; ++t) {
     const float* a = reinterpret_cast<const float*>(acts[t]);

@@ -31,7 +31,10 @@ int main(int argc, char** argv) {
     for (auto& v : x) v = (rng() % 1000) / 500.f - 1;
     std::vector<uint8_t, CacheLineAllocator<uint8_t>> act(act_row_bytes(qt, H) * ntok);
     std::vector<const uint8_t*> ap(ntok);
-    for (int t = 0; t < ntok; ++t) { quantize_activation(qt, x.data() + t * H, H, act.data() + t * act_row_bytes(qt, H)); ap[t] = act.data() + t * act_row_bytes(qt, H); }
+    for (int t = 0; t < ntok; ++t) {
+      ap[t] = act.data() + t * act_row_bytes(qt, H);
+      quantize_activation(qt, x.data() + t * H, H, act.data() + t * act_row_bytes(qt, H));
+    }
     for (const RowDotTable* tab : {&row_dot_avx2(), &row_dot_avx512vnni()}) {
       std::vector<float> out(ntok);
       RowDot f = tab->get(qt);
@@ -39,13 +42,15 @@ int main(int argc, char** argv) {
       for (int rep = 0; rep < 20; ++rep) {
         auto t0 = std::chrono::steady_clock::now();
         for (int it = 0; it < 20; ++it)
-          for (int r = 0; r < rows; ++r) f(w.data() + r * rb, r + 1 < rows ? w.data() + (r + 1) * rb : nullptr, ap.data(), ntok, H, out.data());
+          for (int r = 0; r < rows; ++r)
+            f(w.data() + r * rb, r + 1 < rows ? w.data() + (r + 1) * rb : nullptr, ap.data(), ntok, H, out.data());
         double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / 20;
         if (s < best) best = s;
       }
       double blocks = double(rows) * H / 256;
       printf("%s %s ntok=%d rows=%d: %.2f ns/block (%.2f ns/block/token), %.1f GB/s weights\n", tab->isa,
-             qt == QType::Q4_K ? "Q4K" : "Q6K", ntok, rows, best / blocks * 1e9, best / blocks / ntok * 1e9, rb * rows / best / 1e9);
+             qt == QType::Q4_K ? "Q4K" : "Q6K", ntok, rows, best / blocks * 1e9, best / blocks / ntok * 1e9,
+             rb * rows / best / 1e9);
     }
   }
 }

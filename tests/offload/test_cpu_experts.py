@@ -146,17 +146,21 @@ def test_prefetch_distance_changes_no_result(layer) -> None:
     x = torch.randn(12, 256)
     ids, weights = routing(12, 6, 16, skewed=False)
     experts = CPUExperts(*layer, num_threads=2)
-    default = native.prefetch_distance()
+    default = native.prefetch_distance(), native.prefetch_next_row()
     try:
         outs = []
-        for distance in (0, 64, 1000, 1 << 16):  # none, a line, not a line multiple, past every row
-            native.set_prefetch_distance(distance)
-            assert native.prefetch_distance() == distance
-            outs.append(experts.forward(x, ids, weights))
+        for next_row in (True, False):
+            native.set_prefetch_next_row(next_row)
+            assert native.prefetch_next_row() == next_row
+            for distance in (0, 64, 1000, 1 << 16):  # none, a line, not a line multiple, past every row
+                native.set_prefetch_distance(distance)
+                assert native.prefetch_distance() == distance
+                outs.append(experts.forward(x, ids, weights))
         with pytest.raises(ValueError, match=r"allowed: 0\.\.65536"):
             native.set_prefetch_distance(-1)
     finally:
-        native.set_prefetch_distance(default)
+        native.set_prefetch_distance(default[0])
+        native.set_prefetch_next_row(default[1])
     assert all(torch.equal(outs[0], out) for out in outs[1:])
 
 

@@ -10,10 +10,11 @@ namespace ksdk {
 // out[t] = dot(weight row, activation row acts[t]) for t < n_tok. The row holds n_values values in the
 // weight's GGUF blocks; each activation row is in act_format(weight type). fp32 accumulation.
 // `next` is a hint: the row (same type and length) the caller computes after this one, or null. The SIMD
-// k-quant kernels keep prefetch_distance() bytes ahead of their reads in flight, running on into `next`,
-// so the caller should have prefetched this row's first prefetch_distance() bytes. One memory stream per
-// thread with a steady distance keeps enough misses in flight without bursts; a short row (1.7-4 KB) is
-// too short for the hardware prefetcher to ramp up. Other kernels ignore it.
+// k-quant kernels keep prefetch_distance() bytes ahead of their reads in flight into L1, running on into
+// `next` (and, if prefetch_next_row(), stream `next` into L2 one row ahead); the caller should have
+// prefetched this row's first prefetch_distance() bytes. A steady stream per thread keeps enough misses in
+// flight without bursts; a short row (1.7-4 KB) is too short for the hardware prefetcher to ramp up.
+// Other kernels ignore it.
 using RowDot = void (*)(const uint8_t* row, const uint8_t* next, const uint8_t* const* acts, int n_tok,
                         int n_values, float* out);
 
@@ -21,6 +22,9 @@ using RowDot = void (*)(const uint8_t* row, const uint8_t* next, const uint8_t* 
 constexpr int kMaxPrefetchDistance = 1 << 16;
 int prefetch_distance();
 void set_prefetch_distance(int num_bytes);  // throws std::invalid_argument outside 0..kMaxPrefetchDistance
+// Whether the k-quant kernels also stream `next` into L2 one row ahead (process-wide; default off).
+bool prefetch_next_row();
+void set_prefetch_next_row(bool on);
 
 struct RowDotTable {
   const char* isa;
