@@ -6,7 +6,7 @@ import importlib
 
 import pytest
 
-PACKAGES = ["ksdk", "ksdk.engine", "ksdk.models", "ksdk.weights", "ksdk.testing", "gateway"]
+PACKAGES = ["ksdk", "ksdk.engine", "ksdk.models", "ksdk.offload", "ksdk.weights", "ksdk.testing", "gateway"]
 
 
 @pytest.mark.parametrize("name", PACKAGES)

@@ -82,11 +82,13 @@ class Engine:
                   max_model_len: int | None = None, kv_cache_tokens: int | None = None, page_size: int = 16,
                   max_num_seqs: int = 64, max_batch_tokens: int = 2048, max_waiting: int = 256,
                   enable_prefix_caching: bool = True, experts: str = "auto",
-                  expert_threads: int | None = None) -> Engine:
+                  expert_threads: int | None = None, expert_memory: str = "mmap") -> Engine:
         """Load model, tokenizer and chat template from a GGUF file (or its first split, or a folder).
 
-        ``experts``: "auto", "native" or "torch" routed experts (see DeepseekForCausalLM.from_gguf);
-        ``expert_threads``: the native kernels' worker threads (default: physical cores - 1)."""
+        ``experts``, ``expert_threads``, ``expert_memory``: how routed experts run (ksdk.offload.ExpertOptions)."""
+        from ksdk.offload.options import ExpertOptions
+
+        expert_options = ExpertOptions(backend=experts, threads=expert_threads, memory=expert_memory)  # type: ignore[arg-type]
         import torch
 
         from ksdk.chat import ChatTemplate, prompt_opens_reasoning
@@ -101,7 +103,7 @@ class Engine:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         gguf = GGUFFile.open(path)
-        model = load_model(gguf, device=device, experts=experts, expert_threads=expert_threads)
+        model = load_model(gguf, device=device, experts=expert_options)
         tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata)
         template = ChatTemplate.from_metadata(gguf.metadata, tokenizer)
         name = model_id or gguf.metadata.get("general.name") or Path(path).stem

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ksdk.errors import InvalidRequestError, UnsupportedQuantError
+from ksdk.errors import UnsupportedQuantError
 from ksdk.layers.attention_metadata import AttentionMetadata
 from ksdk.layers.embedding import Embedding
 from ksdk.layers.linear import MLP, Linear, load_dense
@@ -15,14 +15,13 @@ from ksdk.layers.moe import MoE, Router, RoutedExperts, TorchExperts
 from ksdk.layers.norm import RMSNorm
 from ksdk.layers.rotary import RotaryEmbedding
 from ksdk.models.config import ModelConfig
+from ksdk.offload.options import ExpertOptions
 from ksdk.weights.quants import SUPPORTED_QTYPES
 
 if TYPE_CHECKING:
     from ksdk.weights.gguf_file import GGUFFile, TensorView
 
-__all__ = ["EXPERT_BACKENDS", "DecoderLayer", "DeepseekForCausalLM"]
-
-EXPERT_BACKENDS = ("auto", "native", "torch")
+__all__ = ["DecoderLayer", "DeepseekForCausalLM"]
 
 
 class DecoderLayer(torch.nn.Module):
@@ -66,16 +65,12 @@ class DeepseekForCausalLM(torch.nn.Module):
 
     @classmethod
     def from_gguf(cls, gguf: GGUFFile, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                  kv_dtype: torch.dtype | None = None, experts: str = "auto",
-                  expert_threads: int | None = None) -> DeepseekForCausalLM:
-        """Build from an open GGUF file.
+                  kv_dtype: torch.dtype | None = None, experts: ExpertOptions | str = "auto") -> DeepseekForCausalLM:
+        """Build from an open GGUF file; ``experts`` is an ExpertOptions or just its backend name.
 
-        ``experts``: "native" (ksdk._native on the CPU, straight from the GGUF blocks), "torch" (dequantize the
-        touched experts), or "auto" (native when built and every expert type has a kernel). On CUDA the
-        non-expert weights stay in their GGUF blocks (QuantLinear) and native experts still run on the CPU.
-        ``expert_threads``: native worker threads (default: physical cores - 1)."""
-        if experts not in EXPERT_BACKENDS:
-            raise InvalidRequestError(f"experts={experts!r}; choose one of {', '.join(EXPERT_BACKENDS)}")
+        On CUDA the non-expert weights stay in their GGUF blocks (QuantLinear) and native experts still run on
+        the CPU."""
+        experts = experts if isinstance(experts, ExpertOptions) else ExpertOptions(backend=experts)  # type: ignore[arg-type]
         config = ModelConfig.from_gguf(gguf.metadata)
         _check_qtypes(gguf)
         device = torch.device(device)
@@ -95,8 +90,7 @@ class DeepseekForCausalLM(torch.nn.Module):
 
         layers = [
             DecoderLayer(norm(f"blk.{i}.attn_norm.weight"), _attention(config, gguf, i, linear, norm, dense),
-                         norm(f"blk.{i}.ffn_norm.weight"), _ffn(config, gguf, i, linear, device, dtype, experts,
-                                                                  expert_threads))
+                         norm(f"blk.{i}.ffn_norm.weight"), _ffn(config, gguf, i, linear, device, dtype, experts))
             for i in range(config.num_layers)
         ]
         head = "output.weight" if gguf.has("output.weight") else "token_embd.weight"  # tied embeddings
@@ -137,8 +131,9 @@ def _attention(config: ModelConfig, gguf: GGUFFile, i: int, linear, norm, dense)
     )
 
 
-def _routed_experts(views: list[TensorView], device: torch.device, dtype: torch.dtype, backend: str,
-                    threads: int | None) -> RoutedExperts:
+def _routed_experts(views: list[TensorView], device: torch.device, dtype: torch.dtype,
+                    options: ExpertOptions) -> RoutedExperts:
+    backend = options.backend
     if backend == "auto":
         from ksdk.offload.cpu_experts import SUPPORTED_QTYPES as NATIVE_QTYPES
         from ksdk.offload.native import native_available
@@ -149,11 +144,13 @@ def _routed_experts(views: list[TensorView], device: torch.device, dtype: torch.
     from ksdk.offload.cpu_experts import CPUExperts
     from ksdk.offload.routed import NativeRoutedExperts
 
-    return NativeRoutedExperts(CPUExperts(*views, num_threads=threads), device)
+    experts = CPUExperts(*views, num_threads=options.threads, copy_to_ram=options.memory != "mmap",
+                         lock_memory=options.memory == "locked")
+    return NativeRoutedExperts(experts, device)
 
 
 def _ffn(config: ModelConfig, gguf: GGUFFile, i: int, linear, device: torch.device, dtype: torch.dtype,  # noqa: ANN001
-         experts: str, expert_threads: int | None) -> MLP | MoE:
+         experts: ExpertOptions) -> MLP | MoE:
     p = f"blk.{i}."
     if not config.is_moe_layer(i):
         return MLP(linear(p + "ffn_gate.weight"), linear(p + "ffn_up.weight"), linear(p + "ffn_down.weight"))
@@ -161,7 +158,7 @@ def _ffn(config: ModelConfig, gguf: GGUFFile, i: int, linear, device: torch.devi
     router = Router(config, gguf.tensor(p + "ffn_gate_inp.weight").dequantize(torch.float32).to(device),
                     gguf.tensor(bias).dequantize(torch.float32).to(device) if gguf.has(bias) else None)
     views = [gguf.tensor(p + f"ffn_{w}_exps.weight") for w in ("gate", "up", "down")]
-    routed = _routed_experts(views, device, dtype, experts, expert_threads)
+    routed = _routed_experts(views, device, dtype, experts)
     shared = None
     if config.num_shared_experts:
         shared = MLP(linear(p + "ffn_gate_shexp.weight"), linear(p + "ffn_up_shexp.weight"),

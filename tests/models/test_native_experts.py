@@ -56,3 +56,21 @@ def test_unknown_backend_is_refused() -> None:
 
     with pytest.raises(InvalidRequestError, match="experts='gpu'"):
         load_model(GGUFFile.open(tiny_gguf("v3", "Q8_0")), experts="gpu")
+
+
+def test_experts_copied_to_ram_give_the_same_logits() -> None:
+    from ksdk.offload import ExpertOptions
+
+    in_ram = load_model(GGUFFile.open(tiny_gguf("v3", "Q8_0")), experts=ExpertOptions("native", threads=1, memory="ram"))
+    mapped = load_model(GGUFFile.open(tiny_gguf("v3", "Q8_0")), experts=ExpertOptions("native", threads=1))
+    ids = PROMPTS[0]
+    assert torch.equal(prefill_logits(in_ram, ids), prefill_logits(mapped, ids))
+
+
+@pytest.mark.parametrize("options", [dict(backend="gpu"), dict(threads=0), dict(memory="swap")])
+def test_bad_expert_options_are_refused(options: dict) -> None:
+    from ksdk.errors import InvalidRequestError
+    from ksdk.offload import ExpertOptions
+
+    with pytest.raises(InvalidRequestError, match=next(iter(options.values())).__repr__()):
+        ExpertOptions(**options)
