@@ -19,6 +19,7 @@ from ksdk.offload.options import ExpertOptions
 from ksdk.weights.quants import SUPPORTED_QTYPES
 
 if TYPE_CHECKING:
+    from ksdk.offload.gpu_experts import ExpertStaging, StreamCrossover
     from ksdk.weights.gguf_file import GGUFFile, TensorView
 
 __all__ = ["DecoderLayer", "DeepseekForCausalLM"]
@@ -69,7 +70,8 @@ class DeepseekForCausalLM(torch.nn.Module):
         """Build from an open GGUF file; ``experts`` is an ExpertOptions or just its backend name.
 
         On CUDA the non-expert weights stay in their GGUF blocks (QuantLinear) and native experts still run on
-        the CPU."""
+        the CPU, except for batches long enough that streaming them to the GPU is faster
+        (``experts.gpu_stream_threshold``)."""
         experts = experts if isinstance(experts, ExpertOptions) else ExpertOptions(backend=experts)  # type: ignore[arg-type]
         config = ModelConfig.from_gguf(gguf.metadata)
         _check_qtypes(gguf)
@@ -88,9 +90,11 @@ class DeepseekForCausalLM(torch.nn.Module):
         def norm(name: str) -> RMSNorm:
             return RMSNorm(dense(name).float().to(dtype), config.rms_norm_eps)
 
+        streaming = _gpu_streaming(device, experts)
         layers = [
             DecoderLayer(norm(f"blk.{i}.attn_norm.weight"), _attention(config, gguf, i, linear, norm, dense),
-                         norm(f"blk.{i}.ffn_norm.weight"), _ffn(config, gguf, i, linear, device, dtype, experts))
+                         norm(f"blk.{i}.ffn_norm.weight"), _ffn(config, gguf, i, linear, device, dtype, experts,
+                                                                streaming))
             for i in range(config.num_layers)
         ]
         head = "output.weight" if gguf.has("output.weight") else "token_embd.weight"  # tied embeddings
@@ -131,8 +135,17 @@ def _attention(config: ModelConfig, gguf: GGUFFile, i: int, linear, norm, dense)
     )
 
 
-def _routed_experts(views: list[TensorView], device: torch.device, dtype: torch.dtype,
-                    options: ExpertOptions) -> RoutedExperts:
+def _gpu_streaming(device: torch.device, options: ExpertOptions) -> tuple[ExpertStaging, StreamCrossover] | None:
+    """One staging area and one crossover shared by all MoE layers (they run one at a time), or None."""
+    if device.type != "cuda" or options.gpu_stream_threshold == 0:
+        return None
+    from ksdk.offload.gpu_experts import ExpertStaging, StreamCrossover
+
+    return ExpertStaging(device), StreamCrossover(options.gpu_stream_threshold)
+
+
+def _routed_experts(views: list[TensorView], device: torch.device, dtype: torch.dtype, options: ExpertOptions,
+                    streaming: tuple[ExpertStaging, StreamCrossover] | None = None) -> RoutedExperts:
     backend = options.backend
     if backend == "auto":
         from ksdk.offload.cpu_experts import SUPPORTED_QTYPES as NATIVE_QTYPES
@@ -146,11 +159,21 @@ def _routed_experts(views: list[TensorView], device: torch.device, dtype: torch.
 
     experts = CPUExperts(*views, num_threads=options.threads, copy_to_ram=options.memory != "mmap",
                          lock_memory=options.memory == "locked")
-    return NativeRoutedExperts(experts, device)
+    native = NativeRoutedExperts(experts, device)
+    if streaming is None:
+        return native
+    from ksdk.kernels.dequant_matmul import KERNEL_QTYPES
+    from ksdk.offload.gpu_experts import GPUStreamedExperts
+    from ksdk.offload.routed import HybridRoutedExperts
+
+    if not all(v.qtype in KERNEL_QTYPES for v in views):  # e.g. BF16 experts: the CPU has kernels, the GPU not
+        return native
+    staging, crossover = streaming
+    return HybridRoutedExperts(native, GPUStreamedExperts(*views, staging=staging), crossover)
 
 
 def _ffn(config: ModelConfig, gguf: GGUFFile, i: int, linear, device: torch.device, dtype: torch.dtype,  # noqa: ANN001
-         experts: ExpertOptions) -> MLP | MoE:
+         experts: ExpertOptions, streaming: tuple[ExpertStaging, StreamCrossover] | None) -> MLP | MoE:
     p = f"blk.{i}."
     if not config.is_moe_layer(i):
         return MLP(linear(p + "ffn_gate.weight"), linear(p + "ffn_up.weight"), linear(p + "ffn_down.weight"))
@@ -158,7 +181,7 @@ def _ffn(config: ModelConfig, gguf: GGUFFile, i: int, linear, device: torch.devi
     router = Router(config, gguf.tensor(p + "ffn_gate_inp.weight").dequantize(torch.float32).to(device),
                     gguf.tensor(bias).dequantize(torch.float32).to(device) if gguf.has(bias) else None)
     views = [gguf.tensor(p + f"ffn_{w}_exps.weight") for w in ("gate", "up", "down")]
-    routed = _routed_experts(views, device, dtype, experts)
+    routed = _routed_experts(views, device, dtype, experts, streaming)
     shared = None
     if config.num_shared_experts:
         shared = MLP(linear(p + "ffn_gate_shexp.weight"), linear(p + "ffn_up_shexp.weight"),

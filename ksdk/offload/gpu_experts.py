@@ -1,0 +1,242 @@
+"""Routed experts streamed to the GPU over PCIe and multiplied there on their GGUF blocks.
+
+For long prompts the CPU's native experts are compute-bound (an R1 MoE layer: ~750 ms at 1024 tokens on a
+16-core host), while the layer's 7.3 GB of experts cross PCIe in ~135 ms and the GPU multiplies them with
+``ksdk.kernels.dequant_matmul``. ``GPUStreamedExperts`` does that for one layer, expert after expert:
+
+    memmap --(host copy, torch threads)--> pinned slot s --(side stream)--> device slot s --> gate/up, SiLU·up, down
+
+with ``ExpertStaging``'s slots used in turn, so expert e+1's copies overlap expert e's compute. One staging
+area serves every layer of a model (layers run one at a time). ``StreamCrossover`` holds the token count
+from which this beats the CPU: given, or measured once (see ``HybridRoutedExperts`` in ``routed.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import warnings
+from typing import TYPE_CHECKING
+
+import torch
+from gguf.constants import GGMLQuantizationType
+
+from ksdk.errors import UnsupportedQuantError
+from ksdk.kernels.dequant_matmul import KERNEL_QTYPES, dequant_matmul
+from ksdk.weights.quants import bytes_per_row
+
+if TYPE_CHECKING:
+    from ksdk.offload.cpu_experts import ExpertTensorView
+
+__all__ = ["CALIBRATION_TOKENS", "ExpertLayout", "ExpertStaging", "GPUStreamedExperts", "StreamCrossover",
+           "accumulate_expert", "expert_mlp", "route_plan"]
+
+logger = logging.getLogger(__name__)
+
+# Batches this large touch nearly every expert (R1: 256 tokens x 8 of 256 experts leave ~0.1 untouched), so
+# the GPU's cost measured there is its full-transfer cost, the part that does not shrink with more tokens.
+CALIBRATION_TOKENS = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertLayout:
+    """Where one expert's gate, up and down rows lie in a flat byte buffer (in that order, back to back)."""
+
+    hidden: int
+    intermediate: int
+    qtypes: tuple[GGMLQuantizationType, GGMLQuantizationType, GGMLQuantizationType]  # gate, up, down
+
+    @classmethod
+    def from_views(cls, gate: ExpertTensorView, up: ExpertTensorView, down: ExpertTensorView) -> ExpertLayout:
+        """Raises UnsupportedQuantError for a type without a GPU kernel."""
+        for view in (gate, up, down):
+            if view.qtype not in KERNEL_QTYPES:
+                raise UnsupportedQuantError(str(getattr(view, "name", "expert tensor")),
+                                            GGMLQuantizationType(view.qtype).name, [q.name for q in KERNEL_QTYPES])
+        _, intermediate, hidden = (int(d) for d in gate.shape)
+        return cls(hidden, intermediate, (GGMLQuantizationType(gate.qtype), GGMLQuantizationType(up.qtype),
+                                          GGMLQuantizationType(down.qtype)))
+
+    @property
+    def row_bytes(self) -> tuple[int, int, int]:
+        gate, up, down = self.qtypes
+        return (bytes_per_row(gate, self.hidden), bytes_per_row(up, self.hidden),
+                bytes_per_row(down, self.intermediate))
+
+    @property
+    def part_bytes(self) -> tuple[int, int, int]:
+        g, u, d = self.row_bytes
+        return self.intermediate * g, self.intermediate * u, self.hidden * d
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self.part_bytes)
+
+
+def expert_mlp(h: torch.Tensor, buf: torch.Tensor, layout: ExpertLayout) -> torch.Tensor:
+    """down(silu(gate·h) ⊙ up·h) for h [n, hidden], the expert's bytes ``buf`` uint8 [layout.nbytes] on h's
+    device -> [n, hidden] in h's dtype."""
+    H, I = layout.hidden, layout.intermediate
+    (q_gate, q_up, q_down), (r_gate, r_up, r_down) = layout.qtypes, layout.row_bytes
+    gate_bytes, up_bytes, _ = layout.part_bytes
+    if q_gate == q_up:  # gate and up rows lie back to back: one launch for both
+        gate_up = dequant_matmul(h, buf[: gate_bytes + up_bytes].view(2 * I, r_gate), q_gate, H)  # [n, 2I]
+        gate, up = gate_up[:, :I], gate_up[:, I:]
+    else:
+        gate = dequant_matmul(h, buf[:gate_bytes].view(I, r_gate), q_gate, H)
+        up = dequant_matmul(h, buf[gate_bytes : gate_bytes + up_bytes].view(I, r_up), q_up, H)
+    act = torch.nn.functional.silu(gate) * up  # [n, I], contiguous
+    return dequant_matmul(act, buf[gate_bytes + up_bytes :].view(H, r_down), q_down, I)
+
+
+def route_plan(ids: torch.Tensor, weights: torch.Tensor) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+    """(expert, token rows [n] int64, routing weights [n] fp32) for each distinct expert in ``ids`` [T, k],
+    ascending. One device-to-host sync (the counts)."""
+    flat_ids = ids.flatten()
+    order = flat_ids.argsort(stable=True)  # (token, slot) pairs grouped by expert
+    experts, counts = flat_ids[order].unique_consecutive(return_counts=True)
+    sizes = counts.tolist()
+    rows = (order // ids.shape[1]).split(sizes)
+    routed = weights.flatten().float()[order].split(sizes)
+    return list(zip(experts.tolist(), rows, routed))
+
+
+def accumulate_expert(out: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor,
+                      buf: torch.Tensor, layout: ExpertLayout) -> None:
+    """out[rows] += weights · expert(x[rows]): out [T, hidden] fp32, x [T, hidden], rows [n], weights [n] fp32."""
+    y = expert_mlp(x[rows], buf, layout)  # [n, hidden]
+    out.index_add_(0, rows, y.float() * weights[:, None])
+
+
+class ExpertStaging:
+    """Pinned host slots and device slots that experts pass through on their way to the GPU.
+
+    ``stage()`` fills the next slot and makes the current stream wait for its copy; ``release()`` marks the
+    slot's device bytes read once the expert's kernels are enqueued. A slot is reused only after its previous
+    host-to-device copy finished (host side) and the kernels that read it finished (copy stream side), so
+    with two slots expert e+1's copies overlap expert e's compute. Buffers are allocated at first use and grow
+    to the largest expert asked for.
+    """
+
+    def __init__(self, device: torch.device, slots: int = 2) -> None:
+        if device.type != "cuda" or slots < 1:
+            raise ValueError(f"ExpertStaging needs a CUDA device and >= 1 slot; got {device}, slots={slots}")
+        self.device, self.slots = device, slots
+        self._host: list[torch.Tensor] = []  # pinned uint8 [slot_bytes] each
+        self._dev: list[torch.Tensor] = []
+        self._copied = [torch.cuda.Event() for _ in range(slots)]  # host -> device copy of the slot done
+        self._read = [torch.cuda.Event() for _ in range(slots)]  # kernels reading the device slot done
+        self._stream: torch.cuda.Stream | None = None
+        self._next = 0
+
+    @property
+    def slot_bytes(self) -> int:
+        return self._host[0].numel() if self._host else 0
+
+    def _reserve(self, nbytes: int) -> None:
+        if nbytes <= self.slot_bytes:
+            return
+        torch.cuda.synchronize(self.device)  # the old slots may still be in flight
+        self._host = [torch.empty(nbytes, dtype=torch.uint8, pin_memory=True) for _ in range(self.slots)]
+        self._dev = [torch.empty(nbytes, dtype=torch.uint8, device=self.device) for _ in range(self.slots)]
+        self._stream = self._stream or torch.cuda.Stream(self.device)
+        logger.debug("expert staging: %d slots of %.1f MB (pinned and on %s)", self.slots, nbytes / 1e6, self.device)
+
+    def stage(self, parts: list[torch.Tensor]) -> tuple[torch.Tensor, int]:
+        """Copy host byte tensors ``parts`` back to back into the next slot -> (device bytes, slot)."""
+        nbytes = sum(p.numel() for p in parts)
+        self._reserve(nbytes)
+        slot, self._next = self._next, (self._next + 1) % self.slots
+        host, dev = self._host[slot], self._dev[slot]
+        self._copied[slot].synchronize()  # the pinned bytes of this slot's last expert have left
+        offset = 0
+        for part in parts:  # torch's copy uses its intra-op threads: the memmap read is the slow side
+            host[offset : offset + part.numel()].copy_(part.reshape(-1))
+            offset += part.numel()
+        compute = torch.cuda.current_stream(self.device)
+        assert self._stream is not None
+        with torch.cuda.stream(self._stream):
+            self._stream.wait_event(self._read[slot])
+            dev[:nbytes].copy_(host[:nbytes], non_blocking=True)
+            self._copied[slot].record(self._stream)
+        compute.wait_event(self._copied[slot])
+        return dev[:nbytes], slot
+
+    def release(self, slot: int) -> None:
+        """The kernels reading ``slot`` are enqueued on the current stream: its next copy waits for them."""
+        self._read[slot].record(torch.cuda.current_stream(self.device))
+
+
+class GPUStreamedExperts:
+    """One layer's routed experts, copied to the GPU per call and computed there (``RoutedExperts`` protocol).
+
+    Args:
+        gate, up: views of ``ffn_gate_exps`` / ``ffn_up_exps`` (E, I, H); down: ``ffn_down_exps`` (E, H, I),
+            each of a type in ``KERNEL_QTYPES``.
+        staging: the model's shared :class:`ExpertStaging`.
+    """
+
+    def __init__(self, gate: ExpertTensorView, up: ExpertTensorView, down: ExpertTensorView,
+                 staging: ExpertStaging) -> None:
+        self.layout = ExpertLayout.from_views(gate, up, down)
+        self.staging, self.device = staging, staging.device
+        with warnings.catch_warnings():  # the file mapping is read-only, and we only ever read it
+            warnings.simplefilter("ignore", UserWarning)
+            self._raw = [torch.from_numpy(v.raw) for v in (gate, up, down)]  # [E, rows, row_bytes] uint8, zero-copy
+        self._out: torch.Tensor | None = None
+
+    def submit(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> None:
+        """Enqueue the experts of this batch (x [T, hidden] on the GPU); the host returns once the last
+        expert's bytes are on their way."""
+        out = torch.zeros(x.shape[0], self.layout.hidden, dtype=torch.float32, device=x.device)
+        x = x.contiguous()
+        for e, rows, w in route_plan(ids, weights):
+            buf, slot = self.staging.stage([raw[e] for raw in self._raw])
+            accumulate_expert(out, x, rows, w, buf, self.layout)
+            self.staging.release(slot)
+        self._out = out
+
+    def wait(self) -> torch.Tensor:
+        """[T, hidden] fp32 routed output on the GPU (stream-ordered: no host sync)."""
+        assert self._out is not None, "wait() without submit()"
+        out, self._out = self._out, None
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class CrossoverMeasurement:
+    tokens: int
+    cpu_seconds: float
+    gpu_seconds: float
+
+
+class StreamCrossover:
+    """From how many tokens a call streams its experts to the GPU instead of computing them on the CPU.
+
+    ``threshold`` given: use it. None: measured once, at the first call of at least ``min_tokens`` tokens,
+    then shared by every layer holding this object. With CPU time ~ T · (its per-token cost) and GPU time
+    ~ its full-transfer cost (which more tokens barely change), the crossover is T · gpu_s / cpu_s.
+    """
+
+    def __init__(self, threshold: int | None = None, min_tokens: int = CALIBRATION_TOKENS) -> None:
+        if threshold is not None and threshold < 1:
+            raise ValueError(f"threshold={threshold}; give an int >= 1 or None (measure)")
+        self.threshold, self.min_tokens = threshold, min_tokens
+        self.measurement: CrossoverMeasurement | None = None
+
+    def needs_measuring(self, num_tokens: int) -> bool:
+        return self.threshold is None and num_tokens >= self.min_tokens
+
+    def use_gpu(self, num_tokens: int) -> bool:
+        return self.threshold is not None and num_tokens >= self.threshold
+
+    def record(self, num_tokens: int, cpu_seconds: float, gpu_seconds: float) -> int:
+        """Set the threshold from one CPU and one GPU call on the same ``num_tokens`` batch; returns it."""
+        per_token_cpu = cpu_seconds / num_tokens
+        self.threshold = max(1, math.ceil(gpu_seconds / per_token_cpu))
+        self.measurement = CrossoverMeasurement(num_tokens, cpu_seconds, gpu_seconds)
+        logger.info("routed experts at %d tokens: CPU %.1f ms (%.3f ms/token), GPU streamed %.1f ms: "
+                    "streaming to the GPU from %d tokens", num_tokens, 1e3 * cpu_seconds, 1e3 * per_token_cpu,
+                    1e3 * gpu_seconds, self.threshold)
+        return self.threshold
