@@ -6,6 +6,8 @@ would (``device="cuda"``: non-expert weights as GGUF blocks on the GPU, experts 
 
 - decode tok/s at each batch size (every sequence at ``--context`` tokens), prefill tok/s per prompt length;
 - GPU memory, and per layer the time in CPU experts vs the rest (GPU work plus transfers);
+- for prefill, where the routed experts ran (CPU, or streamed to the GPU from the measured crossover on, with
+  the CPU-only figure beside it) and that crossover;
 - the decode step extrapolated to R1's 61 layers (3 dense + 58 MoE), beside the host-bandwidth floor:
   the expert bytes the batch reads per token over the host's measured read bandwidth (DESIGN.md §6).
 
@@ -18,6 +20,7 @@ import argparse
 import json
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -33,7 +36,7 @@ from ksdk.layers.moe import RoutedExperts
 from ksdk.models import DeepseekForCausalLM, load_model
 from ksdk.offload.cpu_experts import default_num_threads
 from ksdk.offload.native import load_native
-from ksdk.offload.routed import NativeRoutedExperts
+from ksdk.offload.routed import HybridRoutedExperts, NativeRoutedExperts
 from ksdk.testing import QTYPE_POLICIES, TinyModelSpec, cache_dir
 from ksdk.testing.tiny_models import add_metadata
 from ksdk.weights.gguf_file import GGUFFile
@@ -332,6 +335,17 @@ class _Runner:
         return [LayerTimes(1e3 * total, 1e3 * (t.seconds if t else 0.0)) for total, t in zip(totals, timed)], 1e3 * step
 
 
+def _cpu_only(hybrids: list[HybridRoutedExperts], run: Callable[[], float]) -> float:
+    """``run()`` with every layer's routed experts held on the CPU (the shared crossover's threshold lifted)."""
+    crossover = hybrids[0].crossover
+    saved = crossover.threshold
+    crossover.threshold = 1 << 62
+    try:
+        return run()
+    finally:
+        crossover.threshold = saved
+
+
 def _tensor_bytes(module: torch.nn.Module, device: torch.device) -> int:
     tensors = list(module.parameters()) + list(module.buffers())
     return sum(t.numel() * t.element_size() for t in tensors if t.device.type == device.type)
@@ -420,10 +434,25 @@ def run_e2e(config: E2EConfig) -> None:
         print()
         print(runner.profile(config.batches[0]), flush=True)
     print()
+    hybrids = [layer.ffn.experts for layer in model.layers
+               if isinstance(getattr(layer.ffn, "experts", None), HybridRoutedExperts)]
     for tokens in config.prefill:
-        seconds = runner.prefill_seconds(tokens)
-        print(f"prefill {tokens:>6} tokens: {tokens / seconds:>9.1f} tok/s ({1e3 * seconds:.0f} ms, "
-              f"{spec.num_layers} layers)", flush=True)
+        seconds = runner.prefill_seconds(tokens)  # its warm-up call measures the GPU-streaming crossover once
+        paths = sorted({h.last_path for h in hybrids}) or ["cpu"]
+        line = (f"prefill {tokens:>6} tokens: {tokens / seconds:>9.1f} tok/s ({1e3 * seconds:.0f} ms, "
+                f"{spec.num_layers} layers), experts on {'+'.join(paths)}")
+        if hybrids and paths != ["cpu"]:
+            cpu_seconds = _cpu_only(hybrids, lambda: runner.prefill_seconds(tokens))
+            line += f"; CPU experts only: {tokens / cpu_seconds:.1f} tok/s ({1e3 * cpu_seconds:.0f} ms)"
+        print(line, flush=True)
+    if hybrids:
+        crossover = hybrids[0].crossover
+        measured = crossover.measurement
+        how = "given" if measured is None else (
+            f"measured at {measured.tokens} tokens: one MoE layer's routed experts took {1e3 * measured.cpu_seconds:.0f} ms "
+            f"on the CPU, {1e3 * measured.gpu_seconds:.0f} ms streamed to the GPU "
+            f"({E * expert_mb / 1e3 / measured.gpu_seconds:.1f} GB/s of expert bytes)")
+        print(f"GPU-streaming threshold: {crossover.threshold} tokens ({how})")
     if device.type == "cuda":
         print(f"\nGPU memory peak: {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
     print(f"\nfloor = batch x host bandwidth / ({moe_full} MoE layers x expected distinct experts x "
