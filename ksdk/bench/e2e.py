@@ -448,7 +448,8 @@ def run_e2e(config: E2EConfig) -> None:
     if hybrids:
         crossover = hybrids[0].crossover
         measured = crossover.measurement
-        how = "given" if measured is None else (
+        how = ("given" if crossover.threshold is not None else
+               f"not measured: no batch of {crossover.min_tokens} tokens or more") if measured is None else (
             f"measured at {measured.tokens} tokens: one MoE layer's routed experts took {1e3 * measured.cpu_seconds:.0f} ms "
             f"on the CPU, {1e3 * measured.gpu_seconds:.0f} ms streamed to the GPU "
             f"({E * expert_mb / 1e3 / measured.gpu_seconds:.1f} GB/s of expert bytes)")

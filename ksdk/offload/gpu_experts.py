@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 from gguf.constants import GGMLQuantizationType
 
-from ksdk.errors import UnsupportedQuantError
+from ksdk.errors import ModelFileError, UnsupportedQuantError
 from ksdk.kernels.dequant_matmul import KERNEL_QTYPES, dequant_matmul
 from ksdk.weights.quants import bytes_per_row
 
@@ -49,12 +49,16 @@ class ExpertLayout:
 
     @classmethod
     def from_views(cls, gate: ExpertTensorView, up: ExpertTensorView, down: ExpertTensorView) -> ExpertLayout:
-        """Raises UnsupportedQuantError for a type without a GPU kernel."""
+        """Raises UnsupportedQuantError for a type without a GPU kernel, ModelFileError for mismatched shapes."""
         for view in (gate, up, down):
             if view.qtype not in KERNEL_QTYPES:
                 raise UnsupportedQuantError(str(getattr(view, "name", "expert tensor")),
                                             GGMLQuantizationType(view.qtype).name, [q.name for q in KERNEL_QTYPES])
-        _, intermediate, hidden = (int(d) for d in gate.shape)
+        n_expert, intermediate, hidden = (int(d) for d in gate.shape)
+        for view, shape in ((up, (n_expert, intermediate, hidden)), (down, (n_expert, hidden, intermediate))):
+            if tuple(view.shape) != shape:
+                raise ModelFileError(f"expert tensor {getattr(view, 'name', '?')!r} has shape {tuple(view.shape)}; "
+                                     f"expected {shape} to match the gate's {tuple(gate.shape)}")
         return cls(hidden, intermediate, (GGMLQuantizationType(gate.qtype), GGMLQuantizationType(up.qtype),
                                           GGMLQuantizationType(down.qtype)))
 

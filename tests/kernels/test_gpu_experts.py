@@ -15,7 +15,7 @@ import torch
 from gguf.constants import GGMLQuantizationType as Q
 
 from ksdk.bench.random_blocks import random_expert_tensor
-from ksdk.errors import InvalidRequestError, UnsupportedQuantError
+from ksdk.errors import InvalidRequestError, ModelFileError, UnsupportedQuantError
 from ksdk.layers.moe import TorchExperts
 from ksdk.offload.gpu_experts import (
     ExpertLayout,
@@ -106,6 +106,12 @@ def test_layout_refuses_types_without_a_gpu_kernel() -> None:
     f16 = TensorView("blk.1.ffn_up_exps.weight", Q.F16, up.shape, random_expert_tensor(Q.F16, *up.shape).raw)
     with pytest.raises(UnsupportedQuantError, match="blk.1.ffn_up_exps.weight"):
         ExpertLayout.from_views(gate, f16, down)
+
+
+def test_layout_refuses_mismatched_shapes() -> None:
+    gate, up, down = mixed_views()
+    with pytest.raises(ModelFileError, match="ffn_down_exps.weight"):
+        ExpertLayout.from_views(gate, up, TensorView(down.name, down.qtype, (4, 128, 256), down.raw[:, :128]))
 
 
 def test_crossover_from_one_cpu_and_one_gpu_time() -> None:
