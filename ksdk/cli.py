@@ -50,6 +50,9 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
                    help="native expert worker threads (default: physical cores - 1)")
     g.add_argument("--expert-memory", choices=("mmap", "ram", "locked"), default="mmap",
                    help="read experts from the memory-mapped file, copy them into RAM, or copy and mlock them")
+    g.add_argument("--gpu-stream-threshold", type=int, default=None,
+                   help="with a GPU: batches of at least this many tokens stream their experts to the GPU "
+                        "(default: measured at the first long batch; 0: never)")
     g.add_argument("--quiet", action="store_true", help="no loading progress on stderr")
 
 
@@ -108,7 +111,7 @@ def open_engine(args: argparse.Namespace) -> Engine:
         kv_cache_tokens=args.kv_cache_tokens, page_size=args.page_size, max_num_seqs=args.max_num_seqs,
         max_batch_tokens=args.max_batch_tokens, max_waiting=args.max_waiting,
         enable_prefix_caching=not args.no_prefix_caching, experts=args.experts, expert_threads=args.expert_threads,
-        expert_memory=args.expert_memory,
+        expert_memory=args.expert_memory, gpu_stream_threshold=args.gpu_stream_threshold,
     )
     if not args.quiet:
         print(f"ksdk: loaded {engine.model_id} in {time.monotonic() - start:.1f} s "

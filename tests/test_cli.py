@@ -57,7 +57,7 @@ def test_serve_without_a_gguf_uses_the_demo_and_says_its_text_is_random(
     assert fake["options"] == {"model_id": "demo", "device": "auto", "max_model_len": None, "kv_cache_tokens": 512,
                                "page_size": 16, "max_num_seqs": 64, "max_batch_tokens": 2048, "max_waiting": 256,
                                "enable_prefix_caching": False, "experts": "native", "expert_threads": 3,
-                               "expert_memory": "mmap"}
+                               "expert_memory": "mmap", "gpu_stream_threshold": None}
     assert (served["host"], served["port"], served["log_level"]) == ("127.0.0.1", 9123, "warning")
     state = served["app"].state.gateway
     assert (state.api_key, state.max_concurrency, state.engine) == ("k", 3, fake["engine"])

@@ -82,13 +82,16 @@ class Engine:
                   max_model_len: int | None = None, kv_cache_tokens: int | None = None, page_size: int = 16,
                   max_num_seqs: int = 64, max_batch_tokens: int = 2048, max_waiting: int = 256,
                   enable_prefix_caching: bool = True, experts: str = "auto",
-                  expert_threads: int | None = None, expert_memory: str = "mmap") -> Engine:
+                  expert_threads: int | None = None, expert_memory: str = "mmap",
+                  gpu_stream_threshold: int | None = None) -> Engine:
         """Load model, tokenizer and chat template from a GGUF file (or its first split, or a folder).
 
-        ``experts``, ``expert_threads``, ``expert_memory``: how routed experts run (ksdk.offload.ExpertOptions)."""
+        ``experts``, ``expert_threads``, ``expert_memory``, ``gpu_stream_threshold``: how routed experts run
+        (ksdk.offload.ExpertOptions)."""
         from ksdk.offload.options import ExpertOptions
 
-        expert_options = ExpertOptions(backend=experts, threads=expert_threads, memory=expert_memory)  # type: ignore[arg-type]
+        expert_options = ExpertOptions(backend=experts, threads=expert_threads, memory=expert_memory,  # type: ignore[arg-type]
+                                       gpu_stream_threshold=gpu_stream_threshold)
         import torch
 
         from ksdk.chat import ChatTemplate, prompt_opens_reasoning
