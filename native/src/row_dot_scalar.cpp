@@ -13,7 +13,9 @@ struct Unpacked {
   float d, dmin;
 };
 
-void unpack_q4k(const BlockQ4K& b, Unpacked& u) {
+// Q4_K and Q5_K share the super-block scale, min and the eight 6-bit sub-block scale/min pairs.
+template <class Block>
+void unpack_scales_mins(const Block& b, Unpacked& u) {
   u.d = fp16_to_fp32(b.d);
   u.dmin = fp16_to_fp32(b.dmin);
   for (int j = 0; j < 8; ++j) {
@@ -22,6 +24,10 @@ void unpack_q4k(const BlockQ4K& b, Unpacked& u) {
     u.sc[2 * j] = u.sc[2 * j + 1] = sc;
     u.mn[2 * j] = u.mn[2 * j + 1] = m;
   }
+}
+
+void unpack_q4k(const BlockQ4K& b, Unpacked& u) {
+  unpack_scales_mins(b, u);
   for (int k = 0; k < 4; ++k)
     for (int l = 0; l < 32; ++l) {
       u.q[64 * k + l] = b.qs[32 * k + l] & 0xF;
@@ -30,14 +36,7 @@ void unpack_q4k(const BlockQ4K& b, Unpacked& u) {
 }
 
 void unpack_q5k(const BlockQ5K& b, Unpacked& u) {
-  u.d = fp16_to_fp32(b.d);
-  u.dmin = fp16_to_fp32(b.dmin);
-  for (int j = 0; j < 8; ++j) {
-    uint8_t sc, m;
-    kquant_scale_min(j, b.scales, &sc, &m);
-    u.sc[2 * j] = u.sc[2 * j + 1] = sc;
-    u.mn[2 * j] = u.mn[2 * j + 1] = m;
-  }
+  unpack_scales_mins(b, u);
   for (int k = 0; k < 4; ++k)
     for (int l = 0; l < 32; ++l) {
       u.q[64 * k + l] = (b.qs[32 * k + l] & 0xF) | (((b.qh[l] >> (2 * k)) & 1) << 4);
