@@ -15,9 +15,11 @@ from ksdk.layers.linear import MLP
 
 if TYPE_CHECKING:
     from ksdk.models.config import ModelConfig
+    from ksdk.offload.gpu_experts import ExpertStaging, StreamCrossover
+    from ksdk.offload.options import ExpertOptions
     from ksdk.weights.gguf_file import TensorView
 
-__all__ = ["MoE", "Router", "RoutedExperts", "TorchExperts"]
+__all__ = ["MoE", "Router", "RoutedExperts", "TorchExperts", "build_routed_experts", "gpu_streaming"]
 
 
 class Router(torch.nn.Module):
@@ -123,3 +125,40 @@ class MoE(torch.nn.Module):
         shared = self.shared(x) if self.shared is not None else None  # overlaps the routed experts
         out = self.experts.wait().to(x.dtype)
         return out if shared is None else out + shared
+
+
+def gpu_streaming(device: torch.device, options: ExpertOptions) -> tuple[ExpertStaging, StreamCrossover] | None:
+    """One staging area and one crossover shared by all MoE layers (they run one at a time), or None."""
+    if device.type != "cuda" or options.gpu_stream_threshold == 0:
+        return None
+    from ksdk.offload.gpu_experts import ExpertStaging, StreamCrossover
+
+    return ExpertStaging(device), StreamCrossover(options.gpu_stream_threshold)
+
+
+def build_routed_experts(views: list[TensorView], device: torch.device, dtype: torch.dtype, options: ExpertOptions,
+                    streaming: tuple[ExpertStaging, StreamCrossover] | None = None) -> RoutedExperts:
+    backend = options.backend
+    if backend == "auto":
+        from ksdk.offload.cpu_experts import SUPPORTED_QTYPES as NATIVE_QTYPES
+        from ksdk.offload.native import native_available
+
+        backend = "native" if native_available() and all(v.qtype in NATIVE_QTYPES for v in views) else "torch"
+    if backend == "torch":
+        return TorchExperts(*views, device=device, dtype=dtype)
+    from ksdk.offload.cpu_experts import CPUExperts
+    from ksdk.offload.routed import NativeRoutedExperts
+
+    experts = CPUExperts(*views, num_threads=options.threads, copy_to_ram=options.memory != "mmap",
+                         lock_memory=options.memory == "locked")
+    native = NativeRoutedExperts(experts, device)
+    if streaming is None:
+        return native
+    from ksdk.kernels.dequant_matmul import KERNEL_QTYPES
+    from ksdk.offload.gpu_experts import GPUStreamedExperts
+    from ksdk.offload.routed import HybridRoutedExperts
+
+    if not all(v.qtype in KERNEL_QTYPES for v in views):  # e.g. BF16 experts: the CPU has kernels, the GPU not
+        return native
+    staging, crossover = streaming
+    return HybridRoutedExperts(native, GPUStreamedExperts(*views, staging=staging), crossover)

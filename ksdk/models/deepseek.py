@@ -11,7 +11,7 @@ from ksdk.layers.attention_metadata import AttentionMetadata
 from ksdk.layers.embedding import Embedding
 from ksdk.layers.linear import MLP, Linear, load_dense
 from ksdk.layers.mla import MLAttention
-from ksdk.layers.moe import MoE, Router, RoutedExperts, TorchExperts
+from ksdk.layers.moe import MoE, Router, build_routed_experts, gpu_streaming
 from ksdk.layers.norm import RMSNorm
 from ksdk.layers.rotary import RotaryEmbedding
 from ksdk.models.config import ModelConfig
@@ -20,7 +20,7 @@ from ksdk.weights.quants import SUPPORTED_QTYPES
 
 if TYPE_CHECKING:
     from ksdk.offload.gpu_experts import ExpertStaging, StreamCrossover
-    from ksdk.weights.gguf_file import GGUFFile, TensorView
+    from ksdk.weights.gguf_file import GGUFFile
 
 __all__ = ["DecoderLayer", "DeepseekForCausalLM"]
 
@@ -90,7 +90,7 @@ class DeepseekForCausalLM(torch.nn.Module):
         def norm(name: str) -> RMSNorm:
             return RMSNorm(dense(name).float().to(dtype), config.rms_norm_eps)
 
-        streaming = _gpu_streaming(device, experts)
+        streaming = gpu_streaming(device, experts)
         layers = [
             DecoderLayer(norm(f"blk.{i}.attn_norm.weight"), _attention(config, gguf, i, linear, norm, dense),
                          norm(f"blk.{i}.ffn_norm.weight"), _ffn(config, gguf, i, linear, device, dtype, experts,
@@ -135,43 +135,6 @@ def _attention(config: ModelConfig, gguf: GGUFFile, i: int, linear, norm, dense)
     )
 
 
-def _gpu_streaming(device: torch.device, options: ExpertOptions) -> tuple[ExpertStaging, StreamCrossover] | None:
-    """One staging area and one crossover shared by all MoE layers (they run one at a time), or None."""
-    if device.type != "cuda" or options.gpu_stream_threshold == 0:
-        return None
-    from ksdk.offload.gpu_experts import ExpertStaging, StreamCrossover
-
-    return ExpertStaging(device), StreamCrossover(options.gpu_stream_threshold)
-
-
-def _routed_experts(views: list[TensorView], device: torch.device, dtype: torch.dtype, options: ExpertOptions,
-                    streaming: tuple[ExpertStaging, StreamCrossover] | None = None) -> RoutedExperts:
-    backend = options.backend
-    if backend == "auto":
-        from ksdk.offload.cpu_experts import SUPPORTED_QTYPES as NATIVE_QTYPES
-        from ksdk.offload.native import native_available
-
-        backend = "native" if native_available() and all(v.qtype in NATIVE_QTYPES for v in views) else "torch"
-    if backend == "torch":
-        return TorchExperts(*views, device=device, dtype=dtype)
-    from ksdk.offload.cpu_experts import CPUExperts
-    from ksdk.offload.routed import NativeRoutedExperts
-
-    experts = CPUExperts(*views, num_threads=options.threads, copy_to_ram=options.memory != "mmap",
-                         lock_memory=options.memory == "locked")
-    native = NativeRoutedExperts(experts, device)
-    if streaming is None:
-        return native
-    from ksdk.kernels.dequant_matmul import KERNEL_QTYPES
-    from ksdk.offload.gpu_experts import GPUStreamedExperts
-    from ksdk.offload.routed import HybridRoutedExperts
-
-    if not all(v.qtype in KERNEL_QTYPES for v in views):  # e.g. BF16 experts: the CPU has kernels, the GPU not
-        return native
-    staging, crossover = streaming
-    return HybridRoutedExperts(native, GPUStreamedExperts(*views, staging=staging), crossover)
-
-
 def _ffn(config: ModelConfig, gguf: GGUFFile, i: int, linear, device: torch.device, dtype: torch.dtype,  # noqa: ANN001
          experts: ExpertOptions, streaming: tuple[ExpertStaging, StreamCrossover] | None) -> MLP | MoE:
     p = f"blk.{i}."
@@ -181,7 +144,7 @@ def _ffn(config: ModelConfig, gguf: GGUFFile, i: int, linear, device: torch.devi
     router = Router(config, gguf.tensor(p + "ffn_gate_inp.weight").dequantize(torch.float32).to(device),
                     gguf.tensor(bias).dequantize(torch.float32).to(device) if gguf.has(bias) else None)
     views = [gguf.tensor(p + f"ffn_{w}_exps.weight") for w in ("gate", "up", "down")]
-    routed = _routed_experts(views, device, dtype, experts, streaming)
+    routed = build_routed_experts(views, device, dtype, experts, streaming)
     shared = None
     if config.num_shared_experts:
         shared = MLP(linear(p + "ffn_gate_shexp.weight"), linear(p + "ffn_up_shexp.weight"),
