@@ -12,30 +12,34 @@ from ksdk.engine import Engine, EngineConfig
 pytestmark = pytest.mark.anyio
 
 PROMPTS = ["The capital of France is", "1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20", "Hi",
-           "def fib(n):\n    return", "Once upon a time, in a land far away, there lived a", "<think>"]
+           "def fib(n):\n    return", "Once upon a time, in a land far away, there lived a", "<think>",
+           "東京は日本の首都です。", "x", "SELECT * FROM users WHERE id = 42;", "🙂🙃 emoji and   spaces",
+           "A much longer prompt that keeps going so that its prefill spans several chunks of the token budget, "
+           "and then some more words to be sure", "42", "import numpy as np\nnp.arange(10)", "Привет, мир",
+           "The quick brown fox", "\n\n\t tabs and newlines"]
 
 
 @functools.cache
-def _parts() -> tuple[object, object, object]:
+def _parts(qtype: str = "F32") -> tuple[object, object, object]:
     from ksdk.chat import ChatTemplate
     from ksdk.models import load_model
     from ksdk.testing import tiny_gguf
     from ksdk.tokenizer import Tokenizer
     from ksdk.weights.gguf_file import GGUFFile
 
-    gguf = GGUFFile.open(tiny_gguf())
+    gguf = GGUFFile.open(tiny_gguf("v3", qtype))  # F32: torch experts; Q8_0: native experts
     tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata)
     return load_model(gguf), tokenizer, ChatTemplate.from_metadata(gguf.metadata, tokenizer)
 
 
-def tiny_engine(**config: object) -> Engine:
-    model, tokenizer, template = _parts()
+def tiny_engine(qtype: str = "F32", **config: object) -> Engine:
+    model, tokenizer, template = _parts(qtype)
     return Engine(model, tokenizer, model_id="tiny", chat_template=template,  # type: ignore[arg-type]
                   config=EngineConfig(**{"max_model_len": 128, "kv_cache_tokens": 1024, **config}))  # type: ignore[arg-type]
 
 
-async def alone(prompts: list[str], max_tokens: int) -> list[tuple[int, ...]]:
-    async with tiny_engine(enable_prefix_caching=False) as engine:
+async def alone(prompts: list[str], max_tokens: int, qtype: str = "F32") -> list[tuple[int, ...]]:
+    async with tiny_engine(qtype, enable_prefix_caching=False) as engine:
         return [(await engine.complete(p, max_tokens=max_tokens, temperature=0, ignore_eos=True)).choices[0].token_ids
                 for p in prompts]
 
@@ -54,11 +58,14 @@ async def together(engine: Engine, prompts: list[str], max_tokens: int) -> list[
     return [results[i] for i in range(len(prompts))]
 
 
-async def test_tiny_model_batch_invariance_and_preemption() -> None:
-    expected = await alone(PROMPTS, 6)
-    async with tiny_engine(max_batch_tokens=16) as engine:  # chunked prefill, staggered arrivals
+@pytest.mark.parametrize("qtype", ["F32", "Q8_0"])
+async def test_tiny_model_batch_invariance_and_preemption(qtype: str) -> None:
+    """16 requests of mixed lengths, arriving at different times, each equal to the same request run alone."""
+    assert len(PROMPTS) == 16
+    expected = await alone(PROMPTS, 6, qtype)
+    async with tiny_engine(qtype, max_batch_tokens=16) as engine:  # chunked prefill, staggered arrivals
         assert await together(engine, PROMPTS, 6) == expected
-    async with tiny_engine(kv_cache_tokens=128, page_size=8) as engine:  # room for one full-length request
+    async with tiny_engine(qtype, kv_cache_tokens=128, page_size=8) as engine:  # room for one full-length request
         assert await together(engine, PROMPTS, 6) == expected
         assert engine.stats().pages_used == 0
 
