@@ -157,7 +157,9 @@ class CPUExperts:
         """Start computing into ``out`` [T, H] fp32 and return at once; call :meth:`wait` before reading it.
 
         The tensors must stay unmodified until then (they are kept alive here). ``topk_ids`` is
-        [T, k] int32|int64 in [0, E); ``topk_weights`` is [T, k] fp32.
+        [T, k] int32|int64 in [0, E), or -1 to skip that (token, slot): it contributes nothing, and a
+        token whose slots are all -1 gets a zero row (the rest of its experts may run elsewhere, e.g. on
+        the GPU). ``topk_weights`` is [T, k] fp32.
         """
         if self._inflight is not None:
             raise InvalidRequestError("submit() called while a previous call is pending; call wait() first")

@@ -15,6 +15,7 @@ namespace {
 
 constexpr int kGateUpTile = 16;  // rows per work item: small enough to keep every thread busy at T=1
 constexpr int kDownTile = 16;
+constexpr int kSkipSlot = -1;  // a topk_ids entry that contributes nothing (e.g. the slot runs on the GPU)
 
 float silu(float v) { return v / (1.f + std::exp(-v)); }
 
@@ -39,20 +40,22 @@ MoeRunner::~MoeRunner() {
 
 void MoeRunner::plan(const MoeCall& call) {
   const int T = call.num_tokens, k = call.top_k, E = gate_.n_expert;
-  const int n_assign = T * k;
-  std::vector<int> ids(n_assign);
-  for (int i = 0; i < n_assign; ++i) {
+  std::vector<int> ids(size_t(T) * k);
+  int n_assign = 0;
+  for (int i = 0; i < T * k; ++i) {
     const int64_t id = call.ids_int64 ? static_cast<const int64_t*>(call.topk_ids)[i]
                                       : static_cast<const int32_t*>(call.topk_ids)[i];
-    if (id < 0 || id >= E)
+    if (id < kSkipSlot || id >= E)
       throw std::invalid_argument("topk_ids[" + std::to_string(i / k) + ", " + std::to_string(i % k) +
                                   "] = " + std::to_string(id) + " is out of range; allowed: 0.." +
-                                  std::to_string(E - 1));
+                                  std::to_string(E - 1) + ", or -1 to skip the slot");
     ids[i] = int(id);
+    n_assign += id != kSkipSlot;
   }
-  // Counting sort of assignments by expert.
+  // Counting sort of assignments by expert (skipped slots take no assignment).
   std::vector<int> count(E + 1, 0);
-  for (int id : ids) ++count[id + 1];
+  for (int id : ids)
+    if (id != kSkipSlot) ++count[id + 1];
   active_experts_.clear();
   expert_begin_.assign(1, 0);
   max_tokens_per_expert_ = 0;
@@ -66,7 +69,8 @@ void MoeRunner::plan(const MoeCall& call) {
   }
   assign_token_.resize(n_assign);
   assign_weight_.resize(n_assign);
-  for (int i = 0; i < n_assign; ++i) {
+  for (int i = 0; i < T * k; ++i) {
+    if (ids[i] == kSkipSlot) continue;
     const int slot = offset[ids[i]]++;
     assign_token_[slot] = i / k;
     assign_weight_[slot] = call.topk_weights[i];

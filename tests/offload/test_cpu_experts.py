@@ -201,14 +201,36 @@ def test_copy_to_ram_matches_memmap_view(layer) -> None:
     assert torch.equal(CPUExperts(*layer, num_threads=1, copy_to_ram=True).forward(x, ids, weights), expected)
 
 
-@pytest.mark.parametrize("bad_id", [16, -1])
+@pytest.mark.parametrize("bad_id", [16, -2])
 def test_out_of_range_expert_id(layer, bad_id) -> None:
     experts = CPUExperts(*layer, num_threads=1)
     ids = torch.tensor([[0, bad_id]])
-    with pytest.raises(InvalidRequestError, match=rf"topk_ids\[0, 1\] = {bad_id} is out of range; allowed: 0..15"):
+    with pytest.raises(
+        InvalidRequestError, match=rf"topk_ids\[0, 1\] = {bad_id} is out of range; allowed: 0..15, or -1 to skip"
+    ):
         experts.forward(torch.randn(1, 256), ids, torch.ones(1, 2))
     # The failed submit left nothing pending.
     assert experts.forward(torch.randn(1, 256), ids.clamp(0, 15), torch.ones(1, 2)).shape == (1, 256)
+
+
+@pytest.mark.parametrize("ids_dtype", [torch.int32, torch.int64])
+def test_skipped_slots_contribute_nothing(layer, ids_dtype) -> None:
+    """-1 in topk_ids skips that (token, slot): the result equals the sum over the kept slots only."""
+    experts = CPUExperts(*layer, num_threads=2)
+    x = torch.randn(6, 256, generator=torch.Generator().manual_seed(6))
+    ids, weights = routing(6, 4, 16, skewed=False)
+    skip = torch.zeros(6, 4, dtype=torch.bool)
+    skip[0, 1] = skip[2, 0] = skip[2, 3] = True
+    skip[4] = True  # every slot of token 4: a zero row
+    out = experts.forward(x, torch.where(skip, -1, ids).to(ids_dtype), weights)
+    assert torch.equal(out[4], torch.zeros(256))
+    # Reference: the skipped slots routed but weighted 0. Each (token, expert) is computed on its own and
+    # the sums per output row keep their order, so adding those zeros changes no bit.
+    kept = experts.forward(x, ids, torch.where(skip, 0.0, weights))
+    assert torch.equal(out, kept)
+    assert torch.equal(experts.forward(x[:0], ids[:0], weights[:0]), torch.empty(0, 256))
+    all_skipped = experts.forward(x, torch.full_like(ids, -1), weights)
+    assert torch.equal(all_skipped, torch.zeros(6, 256))
 
 
 def test_bad_input_shapes_and_options(layer) -> None:

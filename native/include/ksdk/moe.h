@@ -53,7 +53,7 @@ struct ExpertTensor {
 struct MoeCall {
   const void* x;  // [T, H], fp32 or bf16
   bool x_bf16;
-  const void* topk_ids;  // [T, k], int32 or int64
+  const void* topk_ids;  // [T, k], int32 or int64; -1 skips the slot (a token with only -1 gets zeros)
   bool ids_int64;
   const float* topk_weights;  // [T, k]
   float* out;                 // [T, H] fp32
