@@ -190,7 +190,13 @@ class MLAttention(torch.nn.Module):
 
     def _prefill(self, q_nope: torch.Tensor, q_pe: torch.Tensor, meta: AttentionMetadata,
                  kv_pages: torch.Tensor) -> torch.Tensor:
-        """Naive form per sequence: expand the context's latents to per-head k and v."""
+        """Naive form: expand the context's latents to per-head k and v, then causal attention."""
+        if kv_pages.is_cuda:  # one flash-attention launch for the batch; no [H, Q, S] scores in memory
+            from ksdk.kernels.mla_prefill import expand_context, mla_prefill
+
+            ctx = expand_context(kv_pages, meta.page_table, meta.seq_lens, meta.seq_lens_host, self.w_kb, self.w_vb)
+            return mla_prefill(q_nope, q_pe, ctx.k_nope, ctx.k_pe, ctx.v, meta.query_start_loc, ctx.kv_start_loc,
+                               self.scale, max_query_len=max(meta.query_lens_host))
         out = q_nope.new_empty(q_nope.shape[0], self.num_heads, self.v_dim, dtype=torch.float32)
         start = 0
         for i, (q_len, seq_len) in enumerate(zip(meta.query_lens_host, meta.seq_lens_host)):
