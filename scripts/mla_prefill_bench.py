@@ -5,6 +5,12 @@ mla_prefill) against the naive path it replaced (fp32 expansion, the full [H, Q,
 
 One sequence of T new tokens with no cached prefix, bf16 cache and weights, 64-token pages in shuffled order.
 ``--sweep`` also times a few tile configurations of the kernel alone at each size.
+
+Measured on an H100 80GB HBM3 (torch 2.11, triton 3.6), medians: at 2K tokens expand_context 0.48 ms, kernel
+0.47 ms (366 TFLOP/s), kernel path 0.89 ms and 0.7 GiB peak against the naive path's 18.4 ms and 7.4 GiB
+(20.7x; relative error 3.2e-3); at 8K the kernel 6.1-6.6 ms (420-450 TFLOP/s), kernel path 7.0 ms, 2.0 GiB
+peak, where the naive path's scores alone would take 32 GiB. The default 128x64 tile, 8 warps, 3 stages was
+the fastest of the sweep at both sizes (128x128 does not fit in shared memory).
 """
 
 from __future__ import annotations
