@@ -36,6 +36,7 @@ from ksdk.layers.moe import RoutedExperts
 from ksdk.models import DeepseekForCausalLM, load_model
 from ksdk.offload.cpu_experts import default_num_threads
 from ksdk.offload.native import load_native
+from ksdk.offload.options import EXPERT_MEMORY, ExpertOptions
 from ksdk.offload.routed import HybridRoutedExperts, NativeRoutedExperts
 from ksdk.testing import QTYPE_POLICIES, TinyModelSpec, cache_dir
 from ksdk.testing.tiny_models import add_metadata
@@ -62,6 +63,7 @@ class E2EConfig:
     small: bool = False
     profile: bool = False  # print torch.profiler's op table for one decode step at the first batch size
     cuda_graphs: bool = True  # decode attention replayed from CUDA graphs (MLAttention.use_cuda_graphs)
+    expert_memory: str = "mmap"  # ExpertOptions.memory: where the routed experts' bytes live
 
 
 def _r1_config() -> dict:
@@ -379,7 +381,8 @@ def run_e2e(config: E2EConfig) -> None:
     print(f"  {path} ({path.stat().st_size / 1e9:.1f} GB)")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    model = load_model(gguf_file, device=device, dtype=config.dtype, experts="native")
+    model = load_model(gguf_file, device=device, dtype=config.dtype,
+                       experts=ExpertOptions(backend="native", memory=config.expert_memory))  # type: ignore[arg-type]
     for module in model.modules():
         if isinstance(module, MLAttention):
             module.use_cuda_graphs = config.cuda_graphs
@@ -483,7 +486,7 @@ def _run(args: argparse.Namespace) -> int:
     run_e2e(E2EConfig(layers=args.layers, dense_layers=args.dense_layers, batches=args.batches,
                       prefill=args.prefill, context=args.context, decode_steps=args.steps, device=args.device,
                       dtype=_DTYPES[args.dtype], small=args.small, profile=args.profile,
-                      cuda_graphs=not args.no_graphs))
+                      cuda_graphs=not args.no_graphs, expert_memory=args.expert_memory))
     return 0
 
 
@@ -507,5 +510,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--small", action="store_true", help="tiny dimensions: a smoke run on any machine")
     parser.add_argument("--profile", action="store_true",
                         help="also print torch.profiler's op table for one decode step at the first batch size")
+    parser.add_argument("--expert-memory", default=defaults.expert_memory, choices=EXPERT_MEMORY,
+                        help="routed experts read from the memory-mapped file (mmap), or copied into process memory "
+                             "(ram; locked: also mlock'ed), which a GPU streams from directly (default mmap)")
     parser.add_argument("--no-graphs", action="store_true", help="decode attention with eager launches, no CUDA graphs")
     parser.set_defaults(run=_run)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ksdk.errors import InvalidRequestError, ModelFileError, UnsupportedQuantError
+from ksdk.offload.host_memory import ExpertHostMemory
 from ksdk.offload.native import load_native
 
 __all__ = ["SUPPORTED_QTYPES", "CPUExperts", "ExpertTensorView", "default_num_threads", "physical_cores"]
@@ -84,7 +85,7 @@ class CPUExperts:
         down: view of ``ffn_down_exps``, shape (E, H, I).
         num_threads: worker threads; default :func:`default_num_threads` (never oversubscribes). All
             CPUExperts with the same count share one thread pool, so one layer runs at a time.
-        copy_to_ram: copy the expert bytes into process memory instead of reading the memmap.
+        copy_to_ram: copy the expert bytes into process memory (``host_memory``) instead of reading the memmap.
         lock_memory: ``mlock`` the bytes the kernels read (needs RLIMIT_MEMLOCK headroom).
         isa: kernel family, ``"auto"`` (best this CPU runs) or one of ``scalar``, ``avx2``, ``avx512vnni``.
     """
@@ -111,7 +112,9 @@ class CPUExperts:
             raise InvalidRequestError(f"num_threads={num_threads} is invalid; allowed: an int >= 1 or None")
         if isa not in ISAS:
             raise InvalidRequestError(f"isa={isa!r} is unknown; allowed: {', '.join(ISAS)}")
-        raws = [np.array(v.raw, copy=True) if copy_to_ram else v.raw for v in (gate, up, down)]
+        # copy_to_ram: one page-aligned mapping per layer, which the GPU path may register for direct copies
+        self.host_memory = ExpertHostMemory([v.raw for v in (gate, up, down)]) if copy_to_ram else None
+        raws = list(self.host_memory.arrays) if self.host_memory is not None else [v.raw for v in (gate, up, down)]
         if lock_memory:
             for raw in raws:
                 try:

@@ -5,10 +5,13 @@ For long prompts the CPU's native experts are compute-bound (an R1 MoE layer: ~7
 ``ksdk.kernels.dequant_matmul``. ``GPUStreamedExperts`` does that for one layer, expert after expert:
 
     memmap --(host copy, torch threads)--> pinned slot s --(side stream)--> device slot s --> gate/up, SiLU·up, down
+    registered process memory ------------(side stream, DMA)-------------> device slot s --> ...
 
-with ``ExpertStaging``'s slots used in turn, so expert e+1's copies overlap expert e's compute. One staging
-area serves every layer of a model (layers run one at a time). ``StreamCrossover`` holds the token count
-from which this beats the CPU: given, or measured once (see ``HybridRoutedExperts`` in ``routed.py``).
+with ``ExpertStaging``'s slots used in turn, so expert e+1's copies overlap expert e's compute. The second
+line is taken when the experts live in process memory that is registered with CUDA
+(:meth:`GPUStreamedExperts.use_host_memory`): no host copy, and the host never waits. One staging area serves
+every layer of a model (layers run one at a time). ``StreamCrossover`` holds the token count
+from which this beats the CPU: given, or measured once (see ``HybridRoutedExperts`` in ``hybrid.py``).
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from ksdk.weights.quants import bytes_per_row
 
 if TYPE_CHECKING:
     from ksdk.offload.cpu_experts import ExpertTensorView
+    from ksdk.offload.expert_split import ExpertSplit
+    from ksdk.offload.host_memory import ExpertHostMemory
 
 __all__ = ["CALIBRATION_TOKENS", "ExpertLayout", "ExpertStaging", "GPUStreamedExperts", "StreamCrossover",
            "accumulate_expert", "expert_mlp", "route_plan"]
@@ -96,14 +101,14 @@ def expert_mlp(h: torch.Tensor, buf: torch.Tensor, layout: ExpertLayout) -> torc
 
 def route_plan(ids: torch.Tensor, weights: torch.Tensor) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
     """(expert, token rows [n] int64, routing weights [n] fp32) for each distinct expert in ``ids`` [T, k],
-    ascending. One device-to-host sync (the counts)."""
+    ascending; an id of -1 (the slot runs elsewhere) is skipped. One device-to-host sync (the counts)."""
     flat_ids = ids.flatten()
     order = flat_ids.argsort(stable=True)  # (token, slot) pairs grouped by expert
     experts, counts = flat_ids[order].unique_consecutive(return_counts=True)
     sizes = counts.tolist()
     rows = (order // ids.shape[1]).split(sizes)
     routed = weights.flatten().float()[order].split(sizes)
-    return list(zip(experts.tolist(), rows, routed))
+    return [(e, r, w) for e, r, w in zip(experts.tolist(), rows, routed) if e >= 0]
 
 
 def accumulate_expert(out: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor,
@@ -119,8 +124,9 @@ class ExpertStaging:
     ``stage()`` fills the next slot and makes the current stream wait for its copy; ``release()`` marks the
     slot's device bytes read once the expert's kernels are enqueued. A slot is reused only after its previous
     host-to-device copy finished (host side) and the kernels that read it finished (copy stream side), so
-    with two slots expert e+1's copies overlap expert e's compute. Buffers are allocated at first use and grow
-    to the largest expert asked for.
+    with two slots expert e+1's copies overlap expert e's compute. Parts that are already page-locked
+    (``pinned=True``) skip the host slot: the copy stream reads them directly and the host never waits.
+    Buffers are allocated at first use and grow to the largest expert asked for.
     """
 
     def __init__(self, device: torch.device, slots: int = 2) -> None:
@@ -136,33 +142,42 @@ class ExpertStaging:
 
     @property
     def slot_bytes(self) -> int:
-        return self._host[0].numel() if self._host else 0
+        return self._dev[0].numel() if self._dev else 0
 
-    def _reserve(self, nbytes: int) -> None:
-        if nbytes <= self.slot_bytes:
-            return
-        torch.cuda.synchronize(self.device)  # the old slots may still be in flight
-        self._host = [torch.empty(nbytes, dtype=torch.uint8, pin_memory=True) for _ in range(self.slots)]
-        self._dev = [torch.empty(nbytes, dtype=torch.uint8, device=self.device) for _ in range(self.slots)]
-        self._stream = self._stream or torch.cuda.Stream(self.device)
-        logger.debug("expert staging: %d slots of %.1f MB (pinned and on %s)", self.slots, nbytes / 1e6, self.device)
+    def _reserve(self, nbytes: int, host: bool) -> None:
+        if nbytes > self.slot_bytes:
+            torch.cuda.synchronize(self.device)  # the old slots may still be in flight
+            self._host = []
+            self._dev = [torch.empty(nbytes, dtype=torch.uint8, device=self.device) for _ in range(self.slots)]
+            self._stream = self._stream or torch.cuda.Stream(self.device)
+            logger.debug("expert staging: %d device slots of %.1f MB on %s", self.slots, nbytes / 1e6, self.device)
+        if host and not self._host:  # only the staged path needs pinned bounce buffers
+            self._host = [torch.empty(self.slot_bytes, dtype=torch.uint8, pin_memory=True) for _ in range(self.slots)]
 
-    def stage(self, parts: list[torch.Tensor]) -> tuple[torch.Tensor, int]:
-        """Copy host byte tensors ``parts`` back to back into the next slot -> (device bytes, slot)."""
+    def stage(self, parts: list[torch.Tensor], *, pinned: bool = False) -> tuple[torch.Tensor, int]:
+        """Copy host byte tensors ``parts`` back to back into the next slot -> (device bytes, slot).
+
+        ``pinned``: the parts are page-locked (registered) memory, copied to the device slot directly."""
         nbytes = sum(p.numel() for p in parts)
-        self._reserve(nbytes)
+        self._reserve(nbytes, host=not pinned)
         slot, self._next = self._next, (self._next + 1) % self.slots
-        host, dev = self._host[slot], self._dev[slot]
-        self._copied[slot].synchronize()  # the pinned bytes of this slot's last expert have left
-        offset = 0
-        for part in parts:  # torch's copy uses its intra-op threads: the memmap read is the slow side
-            host[offset : offset + part.numel()].copy_(part.reshape(-1))
-            offset += part.numel()
+        dev = self._dev[slot]
+        if not pinned:
+            host = self._host[slot]
+            self._copied[slot].synchronize()  # the pinned bytes of this slot's last expert have left
+            offset = 0
+            for part in parts:  # torch's copy uses its intra-op threads: the memmap read is the slow side
+                host[offset : offset + part.numel()].copy_(part.reshape(-1))
+                offset += part.numel()
+            parts = [host[:nbytes]]
         compute = torch.cuda.current_stream(self.device)
         assert self._stream is not None
         with torch.cuda.stream(self._stream):
             self._stream.wait_event(self._read[slot])
-            dev[:nbytes].copy_(host[:nbytes], non_blocking=True)
+            offset = 0
+            for part in parts:
+                dev[offset : offset + part.numel()].copy_(part.reshape(-1), non_blocking=True)
+                offset += part.numel()
             self._copied[slot].record(self._stream)
         compute.wait_event(self._copied[slot])
         return dev[:nbytes], slot
@@ -179,6 +194,8 @@ class GPUStreamedExperts:
         gate, up: views of ``ffn_gate_exps`` / ``ffn_up_exps`` (E, I, H); down: ``ffn_down_exps`` (E, H, I),
             each of a type in ``KERNEL_QTYPES``.
         staging: the model's shared :class:`ExpertStaging`.
+
+    ``direct`` says whether the bytes are copied straight from registered memory (see :meth:`use_host_memory`).
     """
 
     def __init__(self, gate: ExpertTensorView, up: ExpertTensorView, down: ExpertTensorView,
@@ -188,7 +205,32 @@ class GPUStreamedExperts:
         with warnings.catch_warnings():  # the file mapping is read-only, and we only ever read it
             warnings.simplefilter("ignore", UserWarning)
             self._raw = [torch.from_numpy(v.raw) for v in (gate, up, down)]  # [E, rows, row_bytes] uint8, zero-copy
+        self._host_memory: ExpertHostMemory | None = None
+        self.direct = False
         self._out: torch.Tensor | None = None
+
+    @property
+    def n_expert(self) -> int:
+        return int(self._raw[0].shape[0])
+
+    def use_host_memory(self, memory: ExpertHostMemory) -> bool:
+        """Read the experts from ``memory`` (the same bytes, copied into process memory, e.g. the CPU experts'
+        ``host_memory``), registered with CUDA so copies to the GPU need no staging. Returns ``direct``: False
+        when registration failed (logged), and then the bytes go through the pinned staging slots."""
+        arrays = memory.arrays
+        if [a.shape for a in arrays] != [tuple(r.shape) for r in self._raw]:
+            raise ValueError(f"host memory holds {[a.shape for a in arrays]}; expected "
+                             f"{[tuple(r.shape) for r in self._raw]}")
+        self._raw = [torch.from_numpy(a) for a in arrays]
+        self._host_memory = memory
+        self.direct = memory.register_cuda()
+        return self.direct
+
+    def close(self) -> None:
+        """Unregister the host memory this layer registered (the experts stay usable, through staging)."""
+        if self._host_memory is not None:
+            self._host_memory.close()
+        self.direct = False
 
     def submit(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> None:
         """Enqueue the experts of this batch (x [T, hidden] on the GPU); the host returns once the last
@@ -196,7 +238,7 @@ class GPUStreamedExperts:
         out = torch.zeros(x.shape[0], self.layout.hidden, dtype=torch.float32, device=x.device)
         x = x.contiguous()
         for e, rows, w in route_plan(ids, weights):
-            buf, slot = self.staging.stage([raw[e] for raw in self._raw])
+            buf, slot = self.staging.stage([raw[e] for raw in self._raw], pinned=self.direct)
             accumulate_expert(out, x, rows, w, buf, self.layout)
             self.staging.release(slot)
         self._out = out
@@ -221,6 +263,8 @@ class StreamCrossover:
     ``threshold`` given: use it. None: measured once, at the first call of at least ``min_tokens`` tokens,
     then shared by every layer holding this object. With CPU time ~ T · (its per-token cost) and GPU time
     ~ its full-transfer cost (which more tokens barely change), the crossover is T · gpu_s / cpu_s.
+    ``split`` holds the CPU/GPU split rates for calls past the crossover, shared the same way (set by the
+    first layer that splits, see ``HybridRoutedExperts``).
     """
 
     def __init__(self, threshold: int | None = None, min_tokens: int = CALIBRATION_TOKENS) -> None:
@@ -228,6 +272,7 @@ class StreamCrossover:
             raise ValueError(f"threshold={threshold}; give an int >= 1 or None (measure)")
         self.threshold, self.min_tokens = threshold, min_tokens
         self.measurement: CrossoverMeasurement | None = None
+        self.split: ExpertSplit | None = None
 
     def needs_measuring(self, num_tokens: int) -> bool:
         return self.threshold is None and num_tokens >= self.min_tokens

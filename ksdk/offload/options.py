@@ -20,7 +20,9 @@ class ExpertOptions:
     workers (default: physical cores - 1). ``memory``: read the memory-mapped file ("mmap"), copy the experts
     into process memory ("ram"), or copy and ``mlock`` them ("locked"). ``gpu_stream_threshold`` (a model on a
     GPU with native experts): from how many tokens a call streams the experts to the GPU instead (long
-    prompts); None measures it at the first long batch, 0 never streams."""
+    prompts); None measures it at the first long batch, 0 never streams. With "ram"/"locked" the copies are
+    registered with CUDA, so streamed experts are copied to the GPU directly, and the CPU computes a measured
+    share of a long batch's experts meanwhile; "mmap" streams through pinned staging buffers, GPU only."""
 
     backend: Literal["auto", "native", "torch"] = "auto"
     threads: int | None = None

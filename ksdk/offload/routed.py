@@ -4,22 +4,18 @@
 then ``wait()`` hands back the routed output on the model's device. For a model on the GPU the inputs
 cross through pinned host buffers, reused across steps.
 
-``HybridRoutedExperts`` picks per call between those and the experts streamed to the GPU
-(``ksdk.offload.gpu_experts``), by the number of tokens: long prompts are compute-bound on the CPU.
+``HybridRoutedExperts`` (in ``ksdk.offload.hybrid``, importable from here too) picks per call between those
+and the experts streamed to the GPU (``ksdk.offload.gpu_experts``): long prompts are compute-bound on the CPU.
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from typing import TYPE_CHECKING, Literal
 
 import torch
 
 from ksdk.offload.cpu_experts import CPUExperts
-
-if TYPE_CHECKING:  # imported lazily by the caller: it loads the Triton kernels
-    from ksdk.offload.gpu_experts import GPUStreamedExperts, StreamCrossover
+from ksdk.offload.hybrid import HybridRoutedExperts
 
 __all__ = ["HybridRoutedExperts", "NativeRoutedExperts"]
 
@@ -63,45 +59,3 @@ class NativeRoutedExperts:
         out, self._out = self._out, None
         return out if self.device.type == "cpu" else out.to(self.device, non_blocking=True)
 
-
-class HybridRoutedExperts:
-    """Native CPU experts for short batches, experts streamed to the GPU from ``crossover``'s threshold on.
-
-    Until the crossover is known (measured at the first call of at least ``crossover.min_tokens`` tokens,
-    or by :meth:`calibrate`) every call runs on the CPU. ``last_path`` says where the last call ran.
-    """
-
-    def __init__(self, cpu: NativeRoutedExperts, gpu: GPUStreamedExperts, crossover: StreamCrossover) -> None:
-        self.cpu, self.gpu, self.crossover = cpu, gpu, crossover
-        self.last_path: Literal["cpu", "gpu"] | None = None
-        self._active: NativeRoutedExperts | GPUStreamedExperts | None = None
-
-    def submit(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> None:
-        num_tokens = x.shape[0]
-        if self.crossover.needs_measuring(num_tokens):
-            self.calibrate(x, ids, weights)
-        use_gpu = self.crossover.use_gpu(num_tokens)
-        self._active, self.last_path = (self.gpu, "gpu") if use_gpu else (self.cpu, "cpu")
-        self._active.submit(x, ids, weights)
-
-    def wait(self) -> torch.Tensor:
-        """[T, hidden] fp32 routed output on the model's device."""
-        assert self._active is not None, "wait() without submit()"
-        active, self._active = self._active, None
-        return active.wait()
-
-    def calibrate(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> int:
-        """Time one CPU and one GPU call on this batch (after an untimed GPU call that compiles the kernels
-        and allocates the staging slots), set the crossover's threshold from them and return it."""
-        device = self.gpu.device
-        self.gpu.submit(x, ids, weights)
-        self.gpu.wait()
-        seconds = []
-        for experts in (self.cpu, self.gpu):
-            torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            experts.submit(x, ids, weights)
-            experts.wait()
-            torch.cuda.synchronize(device)
-            seconds.append(time.perf_counter() - start)
-        return self.crossover.record(x.shape[0], *seconds)
