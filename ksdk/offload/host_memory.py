@@ -77,6 +77,7 @@ class ExpertHostMemory:
                            "instead", self.nbytes / 1e9, err)
             return False
         self._registration = weakref.finalize(self, _unregister, self._ptr, self._map)
+        self._registration.atexit = False  # at exit the driver may be gone already; the process frees it all
         logger.debug("registered %.1f GB of expert memory with CUDA", self.nbytes / 1e9)
         return True
 
