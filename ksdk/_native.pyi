@@ -58,3 +58,46 @@ class MoeRunner:
     def isa(self) -> str: ...
     @property
     def num_threads(self) -> int: ...
+
+# ---- host calls (native/include/ksdk/host_call.h): routed experts as host nodes of captured decode steps ----
+
+def moe_host_call_address() -> int:
+    """Address of ``ksdk_moe_host_call(void* user_data)``, the CUhostFn a captured step enqueues with
+    cuLaunchHostFunc; ``user_data`` is a :attr:`HostCall.address`. Also exported as a C symbol."""
+
+class HostCallLog:
+    """What the host calls of one model's step graphs report: the first error, calls and time in experts."""
+
+    def __init__(self) -> None: ...
+    def take_error(self) -> str:
+        """The first error recorded since the last take ("" when none); clears it."""
+    def reset_counters(self) -> None: ...
+    @property
+    def expert_ns(self) -> int:
+        """Wall time inside the host calls (submit -> wait), summed, in ns."""
+    @property
+    def calls(self) -> int: ...
+    skip_experts: bool
+    """When set, host calls zero their output instead of running the experts (to time everything else)."""
+
+class HostCall:
+    """One MoE layer's call at one batch size on fixed buffers (pinned host memory in a graph); keeps the
+    runner and the log alive as long as itself."""
+
+    def __init__(
+        self,
+        runner: MoeRunner,
+        log: HostCallLog,
+        x: int,
+        x_bf16: bool,
+        topk_ids: int,
+        ids_int64: bool,
+        topk_weights: int,
+        out: int,
+        num_tokens: int,
+        top_k: int,
+        hidden: int,
+    ) -> None: ...
+    @property
+    def address(self) -> int:
+        """The user_data pointer to pass with :func:`moe_host_call_address`'s function."""

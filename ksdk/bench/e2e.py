@@ -5,7 +5,10 @@ It writes (once, cached) a GGUF with R1's real dimensions (``ksdk/data/deepseek-
 would (``device="cuda"``: non-expert weights as GGUF blocks on the GPU, experts native on the CPU) and reports:
 
 - decode tok/s at each batch size (every sequence at ``--context`` tokens), prefill tok/s per prompt length;
-- GPU memory, and per layer the time in CPU experts vs the rest (GPU work plus transfers);
+- GPU memory, and the time in CPU experts vs the rest (GPU work plus transfers): per layer for eager MoE layers
+  (``--graphs attention`` or ``off``); per step for the whole-step CUDA graph (``--graphs step``, the default),
+  where the experts are timed inside the native host call and the GPU side is a step whose host calls skip
+  the experts (zero their output) with every copy and host-node round trip kept;
 - for prefill, where the routed experts ran (CPU, or streamed to the GPU from the measured crossover on, with
   the CPU-only figure beside it) and that crossover;
 - the decode step extrapolated to R1's 61 layers (3 dense + 58 MoE), beside the host-bandwidth floor:
@@ -31,9 +34,9 @@ import torch
 
 from ksdk.bench.random_blocks import random_expert_tensor
 from ksdk.layers.attention_metadata import AttentionMetadata
-from ksdk.layers.mla import MLAttention
 from ksdk.layers.moe import RoutedExperts
 from ksdk.models import DeepseekForCausalLM, load_model
+from ksdk.models.deepseek import CUDA_GRAPH_MODES
 from ksdk.offload.cpu_experts import default_num_threads
 from ksdk.offload.native import load_native
 from ksdk.offload.options import EXPERT_MEMORY, ExpertOptions
@@ -62,7 +65,7 @@ class E2EConfig:
     dtype: torch.dtype = torch.bfloat16
     small: bool = False
     profile: bool = False  # print torch.profiler's op table for one decode step at the first batch size
-    cuda_graphs: bool = True  # decode attention replayed from CUDA graphs (MLAttention.use_cuda_graphs)
+    cuda_graphs: tuple[str, ...] = ("step",)  # DeepseekForCausalLM.cuda_graphs modes, one decode table each
     expert_memory: str = "mmap"  # ExpertOptions.memory: where the routed experts' bytes live
 
 
@@ -224,6 +227,16 @@ class _NoExperts:
 
 
 @dataclass(frozen=True)
+class StepTimes:
+    """Milliseconds per decode step replayed from the whole-step graph."""
+
+    step_ms: float
+    experts_ms: float  # in the routed experts, timed inside the native host calls (submit -> wait), all layers
+    gpu_side_ms: float  # a step whose host calls skip the experts: GPU work, copies and host-node round trips
+    rest_ms: float  # embedding, final norm and LM head, timed eagerly on their own
+
+
+@dataclass(frozen=True)
 class LayerTimes:
     """Milliseconds per step of one layer: all of it, and the part in routed experts on the CPU."""
 
@@ -259,9 +272,44 @@ class _Runner:
         inputs = self._decode_inputs(batch)
         for _ in range(2):
             self._step(*inputs)
+        return self._timed_steps(inputs)
+
+    def _timed_steps(self, inputs: tuple[torch.Tensor, torch.Tensor, AttentionMetadata]) -> float:
         start = self.clock.now()
         for _ in range(self.config.decode_steps):
             self._step(*inputs)
+        return (self.clock.now() - start) / self.config.decode_steps
+
+    def graph_step_times(self, batch: int) -> StepTimes:
+        """The whole-step graph's step, its time in the routed experts, and its GPU side (see StepTimes)."""
+        graphs = self.model.decode_graphs
+        assert graphs is not None and self.model.cuda_graphs == "step"
+        inputs = self._decode_inputs(batch)
+        for _ in range(2):  # the first captures
+            self._step(*inputs)
+        log = graphs.log
+        log.reset_counters()
+        step = self._timed_steps(inputs)
+        experts_ms = log.expert_ns / 1e6 / self.config.decode_steps
+        log.skip_experts = True
+        try:
+            gpu_side = self._timed_steps(inputs)
+        finally:
+            log.skip_experts = False
+        return StepTimes(1e3 * step, experts_ms, 1e3 * gpu_side, 1e3 * self._rest_seconds(inputs[0]))
+
+    @torch.inference_mode()
+    def _rest_seconds(self, ids: torch.Tensor) -> float:
+        """Embedding, final norm and LM head of one decode step, eagerly (they are outside the layers)."""
+        model = self.model
+
+        def rest() -> None:
+            model.lm_head(model.norm(model.embed(ids))).float()
+
+        rest()
+        start = self.clock.now()
+        for _ in range(self.config.decode_steps):
+            rest()
         return (self.clock.now() - start) / self.config.decode_steps
 
     def gpu_side_seconds(self, batch: int) -> float:
@@ -337,6 +385,76 @@ class _Runner:
         return [LayerTimes(1e3 * total, 1e3 * (t.seconds if t else 0.0)) for total, t in zip(totals, timed)], 1e3 * step
 
 
+@dataclass(frozen=True)
+class _Floor:
+    """The host-bandwidth floor of R1's decode (DESIGN.md §6) for a batch of random tokens."""
+
+    spec: TinyModelSpec
+    host_gbs: float
+    expert_mb: float
+    moe_layers: int  # R1's 58
+
+    def tok_s(self, batch: int) -> float:
+        E, k = self.spec.num_experts, self.spec.num_experts_per_tok
+        distinct = E * (1 - (1 - k / E) ** batch)  # expected experts a layer reads for `batch` random tokens
+        return batch * self.host_gbs * 1e9 / (self.moe_layers * distinct * self.expert_mb * 1e6)
+
+
+def _decode_table_step_graph(runner: _Runner, spec: TinyModelSpec, config: E2EConfig, floor: _Floor,
+                             full_layers: int) -> None:
+    """Decode replayed from the whole-step graph. The 61-layer estimate: the non-expert part of a step beyond
+    the rest (step - experts - rest) averaged over this model's layers, times 61, plus 58 MoE layers' expert
+    time, plus the rest; the dense layers' heavier MLP makes the average slightly pessimistic for R1's mix."""
+    layers, moe_layers = spec.num_layers, spec.num_layers - spec.num_dense_layers
+    print(f"decode replayed from one CUDA graph per step (routed experts as host nodes):")
+    print(f"{'decode':>8} {'tok/s':>8} {'ms/step':>8} | {'experts ms':>10} {'step-exp':>8} {'GPU side':>8} "
+          f"{'rest ms':>7} | {'61-layer tok/s':>14} {'floor tok/s':>11} {'share':>6}")
+    rows = []
+    for batch in config.batches:
+        t = runner.graph_step_times(batch)
+        per_layer = max(0.0, t.step_ms - t.experts_ms - t.rest_ms) / layers
+        full_ms = t.rest_ms + full_layers * per_layer + floor.moe_layers * t.experts_ms / moe_layers
+        full_tps, floor_tps = batch / full_ms * 1e3, floor.tok_s(batch)
+        rows.append((batch, t))
+        print(f"{batch:>8} {batch / t.step_ms * 1e3:>8.1f} {t.step_ms:>8.2f} | {t.experts_ms:>10.2f} "
+              f"{t.step_ms - t.experts_ms:>8.2f} {t.gpu_side_ms:>8.2f} {t.rest_ms:>7.2f} | {full_tps:>14.2f} "
+              f"{floor_tps:>11.2f} {full_tps / floor_tps:>6.0%}", flush=True)
+    print(f"\n{'decode':>8} {'GPU side/experts':>16} {'(step-experts)/experts':>22}   (experts: time inside the "
+          f"native host calls, all {moe_layers} MoE layers; GPU side: a step whose host calls skip the experts, "
+          f"copies and host-node round trips kept; step-experts: what a step costs beyond the experts)")
+    for batch, t in rows:
+        experts = max(t.experts_ms, 1e-9)
+        print(f"{batch:>8} {t.gpu_side_ms / experts:>16.0%} {(t.step_ms - t.experts_ms) / experts:>22.0%}")
+
+
+def _decode_table_eager(runner: _Runner, spec: TinyModelSpec, config: E2EConfig, floor: _Floor,
+                        full_dense: int) -> None:
+    """Decode with eager MoE layers, timed per layer (device drained around each)."""
+    moe_full = floor.moe_layers
+    print(f"{'decode':>8} {'tok/s':>8} {'ms/step':>8} | {'dense ms':>9} {'MoE ms':>7} {'of it CPU':>9} "
+          f"{'GPU+xfer':>8} | {'61-layer tok/s':>14} {'floor tok/s':>11} {'share':>6}")
+    gpu_side: list[tuple[int, float, float]] = []  # batch, GPU-side ms/step, CPU-expert ms/step
+    for batch in config.batches:
+        step = runner.decode_seconds(batch)
+        times, profiled = runner.layer_times(batch)
+        dense = [t for i, t in enumerate(times) if i < spec.num_dense_layers]
+        moe = [t for i, t in enumerate(times) if i >= spec.num_dense_layers]
+        dense_ms = sum(t.total_ms for t in dense) / max(1, len(dense))
+        moe_ms = sum(t.total_ms for t in moe) / len(moe)
+        cpu_ms = sum(t.experts_ms for t in moe) / len(moe)
+        rest_ms = max(0.0, profiled - sum(t.total_ms for t in times))  # embedding, final norm, LM head
+        full_ms = rest_ms + full_dense * dense_ms + moe_full * moe_ms
+        floor_tps = floor.tok_s(batch)
+        full_tps = batch / full_ms * 1e3
+        gpu_side.append((batch, 1e3 * runner.gpu_side_seconds(batch), cpu_ms * len(moe)))
+        print(f"{batch:>8} {batch / step:>8.1f} {1e3 * step:>8.1f} | {dense_ms:>9.2f} {moe_ms:>7.2f} {cpu_ms:>9.2f} "
+              f"{moe_ms - cpu_ms:>8.2f} | {full_tps:>14.2f} {floor_tps:>11.2f} {full_tps / floor_tps:>6.0%}", flush=True)
+    print(f"\n{'decode':>8} {'GPU-side ms/step':>16} {'CPU experts ms/step':>19} {'GPU/CPU':>8}   "
+          f"(GPU side: a step with the experts' compute stubbed out, their transfers kept)")
+    for batch, gpu_ms, cpu_step_ms in gpu_side:
+        print(f"{batch:>8} {gpu_ms:>16.2f} {cpu_step_ms:>19.2f} {gpu_ms / max(cpu_step_ms, 1e-9):>8.0%}")
+
+
 def _cpu_only(hybrids: list[HybridRoutedExperts], run: Callable[[], float]) -> float:
     """``run()`` with every layer's routed experts held on the CPU (the shared crossover's threshold lifted)."""
     crossover = hybrids[0].crossover
@@ -374,7 +492,7 @@ def run_e2e(config: E2EConfig) -> None:
     spec = r1_spec(config.layers, config.dense_layers, small=config.small)
     print(f"ksdk e2e benchmark: {'tiny' if config.small else 'R1'}-shaped, {spec.num_layers} layers "
           f"({spec.num_dense_layers} dense), Q4_K_M-like mix, {config.dtype} on {device}"
-          f"{'' if config.cuda_graphs or device.type != 'cuda' else ', no CUDA graphs'}", flush=True)
+          f"{'' if device.type != 'cuda' else ', CUDA graphs: ' + ' then '.join(config.cuda_graphs)}", flush=True)
     print("  synthetic file (cached after the first run) ...", flush=True)
     path = synthetic_gguf(spec)
     gguf_file = GGUFFile.open(path)
@@ -383,9 +501,6 @@ def run_e2e(config: E2EConfig) -> None:
         torch.cuda.reset_peak_memory_stats(device)
     model = load_model(gguf_file, device=device, dtype=config.dtype,
                        experts=ExpertOptions(backend="native", memory=config.expert_memory))  # type: ignore[arg-type]
-    for module in model.modules():
-        if isinstance(module, MLAttention):
-            module.use_cuda_graphs = config.cuda_graphs
     runner = _Runner(model, config)
     _prefault_experts(gguf_file, spec.num_layers, spec.num_dense_layers)
 
@@ -408,31 +523,17 @@ def run_e2e(config: E2EConfig) -> None:
               f"+ KV cache")
     print()
 
-    E, k = spec.num_experts, spec.num_experts_per_tok
-    moe_full = full_layers - full_dense
-    print(f"{'decode':>8} {'tok/s':>8} {'ms/step':>8} | {'dense ms':>9} {'MoE ms':>7} {'of it CPU':>9} "
-          f"{'GPU+xfer':>8} | {'61-layer tok/s':>14} {'floor tok/s':>11} {'share':>6}")
-    gpu_side: list[tuple[int, float, float]] = []  # batch, GPU-side ms/step, CPU-expert ms/step
-    for batch in config.batches:
-        step = runner.decode_seconds(batch)
-        times, profiled = runner.layer_times(batch)
-        dense = [t for i, t in enumerate(times) if i < spec.num_dense_layers]
-        moe = [t for i, t in enumerate(times) if i >= spec.num_dense_layers]
-        dense_ms = sum(t.total_ms for t in dense) / max(1, len(dense))
-        moe_ms = sum(t.total_ms for t in moe) / len(moe)
-        cpu_ms = sum(t.experts_ms for t in moe) / len(moe)
-        rest_ms = max(0.0, profiled - sum(t.total_ms for t in times))  # embedding, final norm, LM head
-        full_ms = rest_ms + full_dense * dense_ms + moe_full * moe_ms
-        distinct = E * (1 - (1 - k / E) ** batch)  # expected experts a layer reads for `batch` random tokens
-        floor_tps = batch * host_gbs * 1e9 / (moe_full * distinct * expert_mb * 1e6)
-        full_tps = batch / full_ms * 1e3
-        gpu_side.append((batch, 1e3 * runner.gpu_side_seconds(batch), cpu_ms * len(moe)))
-        print(f"{batch:>8} {batch / step:>8.1f} {1e3 * step:>8.1f} | {dense_ms:>9.2f} {moe_ms:>7.2f} {cpu_ms:>9.2f} "
-              f"{moe_ms - cpu_ms:>8.2f} | {full_tps:>14.2f} {floor_tps:>11.2f} {full_tps / floor_tps:>6.0%}", flush=True)
-    print(f"\n{'decode':>8} {'GPU-side ms/step':>16} {'CPU experts ms/step':>19} {'GPU/CPU':>8}   "
-          f"(GPU side: a step with the experts' compute stubbed out, their transfers kept)")
-    for batch, gpu_ms, cpu_step_ms in gpu_side:
-        print(f"{batch:>8} {gpu_ms:>16.2f} {cpu_step_ms:>19.2f} {gpu_ms / max(cpu_step_ms, 1e-9):>8.0%}")
+    E, k, moe_full = spec.num_experts, spec.num_experts_per_tok, full_layers - full_dense
+    floor = _Floor(spec, host_gbs, expert_mb, moe_full)
+    for mode in config.cuda_graphs:
+        model.cuda_graphs = mode  # type: ignore[assignment]
+        if device.type == "cuda" and mode == "step" and model.decode_graphs and model.decode_graphs.capturable:
+            _decode_table_step_graph(runner, spec, config, floor, full_layers)
+        else:
+            print(f"decode with {'eager' if device.type != 'cuda' or mode == 'off' else 'per-layer attention-graph'}"
+                  f" launches, MoE layers eager (sync, submit, wait):")
+            _decode_table_eager(runner, spec, config, floor, full_dense)
+        print()
     if config.profile:
         print()
         print(runner.profile(config.batches[0]), flush=True)
@@ -462,7 +563,9 @@ def run_e2e(config: E2EConfig) -> None:
     print(f"\nfloor = batch x host bandwidth / ({moe_full} MoE layers x expected distinct experts x "
           f"{expert_mb:.1f} MB); at batch 1 that is {moe_full * k * expert_mb / 1e3:.1f} GB per token "
           f"(DESIGN.md's {DESIGN_EXPERT_GB_PER_TOKEN} GB gives {host_gbs / DESIGN_EXPERT_GB_PER_TOKEN:.2f} tok/s). "
-          f"61-layer figures: measured dense/MoE layer times x {full_dense}/{moe_full} plus the rest.")
+          f"61-layer figures: eager tables scale the measured dense/MoE layer times x {full_dense}/{moe_full} plus "
+          f"the rest; the step-graph table scales the per-layer non-expert time x {full_layers} and the experts x "
+          f"{moe_full}.")
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -473,6 +576,14 @@ def _int_list(text: str) -> tuple[int, ...]:
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: every value must be >= 1")
     return values
+
+
+def _graph_modes(text: str) -> tuple[str, ...]:
+    modes = tuple(text.split(","))
+    bad = [m for m in modes if m not in CUDA_GRAPH_MODES]
+    if bad or not modes:
+        raise argparse.ArgumentTypeError(f"{text!r}: modes are {', '.join(CUDA_GRAPH_MODES)}")
+    return modes
 
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -486,7 +597,7 @@ def _run(args: argparse.Namespace) -> int:
     run_e2e(E2EConfig(layers=args.layers, dense_layers=args.dense_layers, batches=args.batches,
                       prefill=args.prefill, context=args.context, decode_steps=args.steps, device=args.device,
                       dtype=_DTYPES[args.dtype], small=args.small, profile=args.profile,
-                      cuda_graphs=not args.no_graphs, expert_memory=args.expert_memory))
+                      cuda_graphs=args.graphs, expert_memory=args.expert_memory))
     return 0
 
 
@@ -513,5 +624,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--expert-memory", default=defaults.expert_memory, choices=EXPERT_MEMORY,
                         help="routed experts read from the memory-mapped file (mmap), or copied into process memory "
                              "(ram; locked: also mlock'ed), which a GPU streams from directly (default mmap)")
-    parser.add_argument("--no-graphs", action="store_true", help="decode attention with eager launches, no CUDA graphs")
+    parser.add_argument("--graphs", type=_graph_modes, default=defaults.cuda_graphs,
+                        help="comma-separated CUDA-graph modes, one decode table each: step (the whole decode step, "
+                             "routed experts as host nodes), attention (per-layer attention graphs, eager MoE), "
+                             "off (default step)")
     parser.set_defaults(run=_run)

@@ -4,8 +4,10 @@ The cache holds only [c_kv | k_pe] (kv_lora_rank + rope_dim values) per token pe
 the context's latents into per-head keys and values (the naive form); decode uses the absorbed form:
 q_nope·W_kb scores a 512-vector against c_kv directly and W_vb maps the weighted c_kv back out.
 
-On a GPU, a decode batch's whole attention (about 50 kernels) is captured once per batch size and length
-bucket as a CUDA graph and replayed: at batch 1 the launches, not the bytes, were most of its time.
+On a GPU, decode batches are replayed from CUDA graphs: normally the whole model step
+(``ksdk.models.decode_graph``, which calls :meth:`MLAttention.decode_step`); where that cannot be captured
+(routed experts in torch), each layer's attention alone (about 50 kernels) is captured once per batch size
+and length bucket: at batch 1 the launches, not the bytes, were most of its time.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from ksdk.layers.rotary import RotaryEmbedding
 if TYPE_CHECKING:
     from ksdk.models.config import ModelConfig
 
-__all__ = ["MLAttention"]
+__all__ = ["GRAPH_MAX_BATCH", "GRAPH_POOL", "MLAttention", "copy_page_table", "length_bucket"]
 
 GRAPH_MAX_BATCH = 32  # decode batches up to this size are replayed from CUDA graphs (one per size and bucket)
 
@@ -42,12 +44,19 @@ class _GraphPool:
         return self._handle
 
 
-_GRAPH_POOL = _GraphPool()
+GRAPH_POOL = _GraphPool()  # shared by the attention graphs here and the whole-step graphs
 
 
-def _length_bucket(max_len: int) -> int:
+def length_bucket(max_len: int) -> int:
     """Sequence lengths a captured decode serves: up to the next power of two (at least 256)."""
     return max(256, 1 << (max_len - 1).bit_length())
+
+
+def copy_page_table(static: torch.Tensor, page_table: torch.Tensor) -> None:
+    """Fill a captured graph's page table; pages past its width are never read (every sequence is within
+    the graph's length bucket)."""
+    width = min(static.shape[1], page_table.shape[1])
+    static[:, :width].copy_(page_table[:, :width])
 
 
 class _CapturedDecode:
@@ -61,7 +70,7 @@ class _CapturedDecode:
         self.x, self.cos, self.sin = x.clone(), cos.clone(), sin.clone()
         pages = -(-max_seq_len // meta.page_size)  # the page table is as wide as the bucket needs
         page_table = meta.page_table.new_zeros(x.shape[0], pages)
-        self._copy_pages(page_table, meta.page_table)
+        copy_page_table(page_table, meta.page_table)
         self.meta = dataclasses.replace(meta, seq_lens=meta.seq_lens.clone(), page_table=page_table,
                                         slot_mapping=meta.slot_mapping.clone())
 
@@ -74,7 +83,7 @@ class _CapturedDecode:
             run()
         torch.cuda.current_stream(x.device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=_GRAPH_POOL.handle):
+        with torch.cuda.graph(self.graph, pool=GRAPH_POOL.handle):
             self.out = run()
 
     def replay(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -82,16 +91,10 @@ class _CapturedDecode:
         self.cos.copy_(cos)
         self.sin.copy_(sin)
         self.meta.seq_lens.copy_(meta.seq_lens)
-        self._copy_pages(self.meta.page_table, meta.page_table)
+        copy_page_table(self.meta.page_table, meta.page_table)
         self.meta.slot_mapping.copy_(meta.slot_mapping)
         self.graph.replay()
         return self.out
-
-    @staticmethod
-    def _copy_pages(static: torch.Tensor, page_table: torch.Tensor) -> None:
-        """Pages past the bucket's width are never read: every sequence is within the bucket."""
-        width = min(static.shape[1], page_table.shape[1])
-        static[:, :width].copy_(page_table[:, :width])
 
 
 class MLAttention(torch.nn.Module):
@@ -118,7 +121,9 @@ class MLAttention(torch.nn.Module):
         self.kv_a, self.kv_a_norm, self.o_proj = kv_a, kv_a_norm, o_proj
         self.register_buffer("w_kb", w_kb, persistent=False)
         self.register_buffer("w_vb", w_vb, persistent=False)
-        self.use_cuda_graphs = True  # decode batches on a GPU replay captured graphs (see _CapturedDecode)
+        # Decode batches on a GPU replay per-layer attention graphs (_CapturedDecode) when no whole-step graph
+        # runs; DeepseekForCausalLM.cuda_graphs sets this.
+        self.use_cuda_graphs = True
         self._graphs: dict[tuple[int, ...], _CapturedDecode] = {}  # (batch, bucket, cache address and shape)
 
     def forward(
@@ -132,13 +137,23 @@ class MLAttention(torch.nn.Module):
         B = x.shape[0]
         if (self.use_cuda_graphs and kv_pages.is_cuda and meta.is_decode and B <= GRAPH_MAX_BATCH
                 and not torch.cuda.is_current_stream_capturing()):
-            bucket = _length_bucket(max(meta.seq_lens_host))
+            bucket = length_bucket(max(meta.seq_lens_host))
             key = (B, bucket, kv_pages.data_ptr(), *kv_pages.shape)
             graph = self._graphs.get(key)
             if graph is None:
                 graph = self._graphs[key] = _CapturedDecode(self, x, cos, sin, meta, kv_pages, bucket)
             return graph.replay(x, cos, sin, meta)
         return self._attend(x, cos, sin, meta, kv_pages, max(meta.seq_lens_host))
+
+    def clear_graphs(self) -> None:
+        """Drop the captured attention graphs (their memory returns to the shared pool)."""
+        self._graphs.clear()
+
+    def decode_step(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata,
+                    kv_pages: torch.Tensor, max_seq_len: int) -> torch.Tensor:
+        """Decode attention as stream-ordered work only, for a captured whole step: ``max_seq_len`` is the
+        graph's length bucket, the same one the per-layer graphs use (so the kernels split alike)."""
+        return self._attend(x, cos, sin, meta, kv_pages, max_seq_len)
 
     def _attend(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata,
                 kv_pages: torch.Tensor, max_seq_len: int) -> torch.Tensor:

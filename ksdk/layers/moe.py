@@ -2,11 +2,14 @@
 
 Routed experts stay in their GGUF form (memmapped): the torch path dequantizes only the experts a batch
 touches (with a small cache); the native path (ksdk.offload) computes on the quantized blocks directly.
+In a captured decode step (:meth:`MoE.decode_step`) the native experts run as a host node of the graph
+while the shared expert runs on a side stream.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 from typing import TYPE_CHECKING, Protocol
 
 import torch
@@ -17,9 +20,11 @@ if TYPE_CHECKING:
     from ksdk.models.config import ModelConfig
     from ksdk.offload.gpu_experts import ExpertStaging, StreamCrossover
     from ksdk.offload.options import ExpertOptions
+    from ksdk.offload.routed import NativeRoutedExperts
     from ksdk.weights.gguf_file import TensorView
 
-__all__ = ["MoE", "Router", "RoutedExperts", "TorchExperts", "build_routed_experts", "gpu_streaming"]
+__all__ = ["MoE", "MoEStepContext", "Router", "RoutedExperts", "TorchExperts", "build_routed_experts",
+           "gpu_streaming"]
 
 
 class Router(torch.nn.Module):
@@ -112,6 +117,15 @@ class TorchExperts:
         return out
 
 
+@dataclasses.dataclass(frozen=True)
+class MoEStepContext:
+    """What every MoE layer of a captured decode step shares: the native log its host calls report to
+    (errors, time in experts) and the side stream its shared expert forks onto."""
+
+    log: object  # ksdk._native.HostCallLog
+    side_stream: torch.cuda.Stream
+
+
 class MoE(torch.nn.Module):
     """Output = Σ w·expert(x) + shared(x)."""
 
@@ -125,6 +139,32 @@ class MoE(torch.nn.Module):
         shared = self.shared(x) if self.shared is not None else None  # overlaps the routed experts
         out = self.experts.wait().to(x.dtype)
         return out if shared is None else out + shared
+
+    def host_experts(self) -> NativeRoutedExperts | None:
+        """The native CPU experts a captured step can run as a host node (a hybrid's CPU part: decode batches
+        are far below the GPU-streaming threshold), or None when the routed experts are not native."""
+        from ksdk.offload.routed import NativeRoutedExperts
+
+        experts = getattr(self.experts, "cpu", self.experts)
+        return experts if isinstance(experts, NativeRoutedExperts) else None
+
+    def decode_step(self, x: torch.Tensor, ctx: MoEStepContext) -> torch.Tensor:
+        """forward() as stream-ordered work only (capturable): the routed experts as a host node on the
+        current stream, the shared expert forked onto ``ctx.side_stream`` meanwhile. Same numerics."""
+        experts = self.host_experts()
+        assert experts is not None, "decode_step needs native routed experts"
+        main = torch.cuda.current_stream(x.device)
+        shared = None
+        if self.shared is not None:
+            ctx.side_stream.wait_stream(main)  # fork: the shared expert overlaps the router and the CPU experts
+            with torch.cuda.stream(ctx.side_stream):
+                shared = self.shared(x)
+        ids, weights = self.router(x)
+        out = experts.enqueue(x, ids, weights, ctx.log).to(x.dtype)
+        if shared is None:
+            return out
+        main.wait_stream(ctx.side_stream)  # join
+        return out + shared
 
 
 def gpu_streaming(device: torch.device, options: ExpertOptions) -> tuple[ExpertStaging, StreamCrossover] | None:

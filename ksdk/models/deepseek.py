@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from ksdk.errors import UnsupportedQuantError
+from ksdk.errors import InvalidRequestError, UnsupportedQuantError
 from ksdk.layers.attention_metadata import AttentionMetadata
 from ksdk.layers.embedding import Embedding
 from ksdk.layers.linear import MLP, Linear, load_dense
 from ksdk.layers.mla import MLAttention
-from ksdk.layers.moe import MoE, Router, build_routed_experts, gpu_streaming
+from ksdk.layers.moe import MoE, MoEStepContext, Router, build_routed_experts, gpu_streaming
 from ksdk.layers.norm import RMSNorm
 from ksdk.layers.rotary import RotaryEmbedding
 from ksdk.models.config import ModelConfig
+from ksdk.models.decode_graph import DecodeGraphs
 from ksdk.offload.options import ExpertOptions
 from ksdk.weights.quants import SUPPORTED_QTYPES
 
@@ -22,7 +23,10 @@ if TYPE_CHECKING:
     from ksdk.offload.gpu_experts import ExpertStaging, StreamCrossover
     from ksdk.weights.gguf_file import GGUFFile
 
-__all__ = ["DecoderLayer", "DeepseekForCausalLM"]
+__all__ = ["CUDA_GRAPH_MODES", "CudaGraphMode", "DecoderLayer", "DeepseekForCausalLM"]
+
+CudaGraphMode = Literal["step", "attention", "off"]
+CUDA_GRAPH_MODES: tuple[CudaGraphMode, ...] = ("step", "attention", "off")
 
 
 class DecoderLayer(torch.nn.Module):
@@ -35,9 +39,22 @@ class DecoderLayer(torch.nn.Module):
         x = x + self.attn(self.attn_norm(x), cos, sin, meta, kv_pages)
         return x + self.ffn(self.ffn_norm(x))
 
+    def decode_step(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata,
+                    kv_pages: torch.Tensor, max_seq_len: int, ctx: MoEStepContext) -> torch.Tensor:
+        """forward() for a captured decode step: stream-ordered work only, attention sized for the bucket."""
+        x = x + self.attn.decode_step(self.attn_norm(x), cos, sin, meta, kv_pages, max_seq_len)
+        h = self.ffn_norm(x)
+        return x + (self.ffn.decode_step(h, ctx) if isinstance(self.ffn, MoE) else self.ffn(h))
+
 
 class DeepseekForCausalLM(torch.nn.Module):
-    """The whole model. ``forward`` runs one engine step over a flat batch of new tokens."""
+    """The whole model. ``forward`` runs one engine step over a flat batch of new tokens.
+
+    On a GPU, ``cuda_graphs`` picks how decode batches (one new token per sequence, up to 32 sequences) run:
+    ``"step"`` (default) replays the whole step from one CUDA graph with the routed experts as host nodes,
+    falling back to ``"attention"`` where the routed experts are not native; ``"attention"`` replays only
+    each layer's attention from a graph; ``"off"`` launches everything eagerly. Other batches run eagerly.
+    """
 
     def __init__(self, config: ModelConfig, embed: Embedding, layers: list[DecoderLayer], norm: RMSNorm,
                  lm_head: Linear, device: torch.device, kv_dtype: torch.dtype) -> None:
@@ -48,6 +65,27 @@ class DeepseekForCausalLM(torch.nn.Module):
         self.norm, self.lm_head = norm, lm_head
         self.rotary = RotaryEmbedding(config).to(device)
         self.device, self.kv_dtype = device, kv_dtype
+        self.decode_graphs = DecodeGraphs(self) if self.device.type == "cuda" else None
+        self._cuda_graphs: CudaGraphMode = "step"
+
+    @property
+    def cuda_graphs(self) -> CudaGraphMode:
+        return self._cuda_graphs
+
+    @cuda_graphs.setter
+    def cuda_graphs(self, mode: CudaGraphMode) -> None:
+        if mode not in CUDA_GRAPH_MODES:
+            raise InvalidRequestError(f"cuda_graphs={mode!r}; allowed: {', '.join(CUDA_GRAPH_MODES)}")
+        self._cuda_graphs = mode
+        for layer in self.layers:
+            layer.attn.use_cuda_graphs = mode != "off"
+
+    def clear_cuda_graphs(self) -> None:
+        """Drop every captured graph (needed after swapping a layer's modules or routed experts)."""
+        if self.decode_graphs is not None:
+            self.decode_graphs.clear()
+        for layer in self.layers:
+            layer.attn.clear_graphs()
 
     @property
     def kv_cache_dim(self) -> int:
@@ -58,11 +96,23 @@ class DeepseekForCausalLM(torch.nn.Module):
                 kv_cache: list[torch.Tensor]) -> torch.Tensor:
         """[T] ids and positions -> [B, vocab] fp32 logits at each sequence's last new token."""
         x = self.embed(input_ids)  # [T, hidden]
+        graphs = self.decode_graphs
+        if self._cuda_graphs == "step" and graphs is not None and graphs.serves(meta):
+            return graphs.run(x, positions, meta, kv_cache)
         cos, sin = self.rotary.cos_sin(positions)
         for layer, kv_pages in zip(self.layers, kv_cache):
             x = layer(x, cos, sin, meta, kv_pages)
         x = self.norm(x[meta.logits_indices])
         return self.lm_head(x).float()
+
+    def decode_step(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                    kv_cache: list[torch.Tensor], max_seq_len: int, ctx: MoEStepContext) -> torch.Tensor:
+        """The body of a captured decode step (see ksdk.models.decode_graph): x [B, hidden] after the
+        embedding, one token per sequence -> [B, vocab] fp32 logits. Stream-ordered work only."""
+        cos, sin = self.rotary.cos_sin(positions)
+        for layer, kv_pages in zip(self.layers, kv_cache):
+            x = layer.decode_step(x, cos, sin, meta, kv_pages, max_seq_len, ctx)
+        return self.lm_head(self.norm(x)).float()  # one token per sequence: every row is a last token
 
     @classmethod
     def from_gguf(cls, gguf: GGUFFile, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,

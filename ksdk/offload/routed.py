@@ -2,7 +2,8 @@
 
 ``submit()`` starts the experts and returns; the caller computes something else (the shared expert) and
 then ``wait()`` hands back the routed output on the model's device. For a model on the GPU the inputs
-cross through pinned host buffers, reused across steps.
+cross through pinned host buffers, reused across steps. Inside a captured decode step ``enqueue()`` runs the
+same experts as a host node instead (``ksdk.offload.host_call``): no host sync, no Python per step.
 
 ``HybridRoutedExperts`` (in ``ksdk.offload.hybrid``, importable from here too) picks per call between those
 and the experts streamed to the GPU (``ksdk.offload.gpu_experts``): long prompts are compute-bound on the CPU.
@@ -11,11 +12,15 @@ and the experts streamed to the GPU (``ksdk.offload.gpu_experts``): long prompts
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import torch
 
 from ksdk.offload.cpu_experts import CPUExperts
 from ksdk.offload.hybrid import HybridRoutedExperts
+
+if TYPE_CHECKING:
+    from ksdk.offload.host_call import ExpertHostCall
 
 __all__ = ["HybridRoutedExperts", "NativeRoutedExperts"]
 
@@ -27,6 +32,8 @@ class NativeRoutedExperts:
         self.experts, self.device = experts, device
         self._buffers: dict[str, torch.Tensor] = {}
         self._out: torch.Tensor | None = None
+        # (tokens, k, x dtype, id(log)) -> buffers and native call; never replaced: captured graphs point at them
+        self._host_calls: dict[tuple[int, int, torch.dtype, int], ExpertHostCall] = {}
 
     def _host(self, key: str, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """A host buffer of ``like``'s shape (pinned when the model is on a GPU), grown as batches grow."""
@@ -58,4 +65,19 @@ class NativeRoutedExperts:
         self.experts.wait()
         out, self._out = self._out, None
         return out if self.device.type == "cpu" else out.to(self.device, non_blocking=True)
+
+    def enqueue(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, log: object) -> torch.Tensor:
+        """The routed output [T, hidden] fp32 as stream-ordered work on the current CUDA stream (capturable:
+        copies to fixed pinned buffers, a host call into the native experts, the copy back). Errors go to
+        ``log`` (a native HostCallLog). The buffers of each batch size are kept for the graphs that use them."""
+        from ksdk.offload.host_call import ExpertHostCall
+
+        x_dtype = x.dtype if x.dtype in (torch.float32, torch.bfloat16) else torch.float32
+        key = (x.shape[0], ids.shape[1], x_dtype, id(log))  # each entry keeps its log alive: ids stay unique
+        call = self._host_calls.get(key)
+        if call is None:
+            assert not torch.cuda.is_current_stream_capturing(), "pinned buffers are allocated before capture"
+            call = self._host_calls[key] = ExpertHostCall(self.experts, log, x.shape[0], ids.shape[1], x_dtype,
+                                                          self.device)
+        return call.enqueue(x, ids, weights)
 

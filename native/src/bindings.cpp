@@ -10,6 +10,7 @@
 
 #include "ksdk/bandwidth.h"
 #include "ksdk/cpu_features.h"
+#include "ksdk/host_call.h"
 #include "ksdk/moe.h"
 
 namespace py = pybind11;
@@ -50,6 +51,13 @@ ExpertTensor expert_tensor(const py::buffer& buffer, int qtype, int n_expert, in
 struct NativeMoe {
   py::object gate, up, down;
   std::unique_ptr<MoeRunner> runner;
+};
+
+// ---- host calls (ksdk/host_call.h) ----
+// One MoE layer's host call at one batch size; keeps its runner (with the weights) and its log alive.
+struct NativeHostCall {
+  py::object runner, log;
+  HostCall call;
 };
 
 }  // namespace
@@ -121,4 +129,38 @@ PYBIND11_MODULE(_native, m) {
       .def_property_readonly("pending", [](const NativeMoe& self) { return self.runner->pending(); })
       .def_property_readonly("isa", [](const NativeMoe& self) { return std::string(self.runner->isa()); })
       .def_property_readonly("num_threads", [](const NativeMoe& self) { return self.runner->num_threads(); });
+
+  // ---- host calls (ksdk/host_call.h): routed experts as host nodes of captured decode steps ----
+  m.def("moe_host_call_address", [] { return reinterpret_cast<uintptr_t>(&ksdk_moe_host_call); });
+  py::class_<HostCallLog>(m, "HostCallLog")
+      .def(py::init<>())
+      .def("take_error", &HostCallLog::take_error)
+      .def("reset_counters", &HostCallLog::reset_counters)
+      .def_property_readonly("expert_ns", &HostCallLog::expert_ns)
+      .def_property_readonly("calls", &HostCallLog::calls)
+      .def_property(
+          "skip_experts", [](const HostCallLog& self) { return self.skip_experts.load(); },
+          [](HostCallLog& self, bool on) { self.skip_experts.store(on); });
+  py::class_<NativeHostCall>(m, "HostCall")
+      .def(py::init([](py::object runner, py::object log, uintptr_t x, bool x_bf16, uintptr_t topk_ids,
+                       bool ids_int64, uintptr_t topk_weights, uintptr_t out, int num_tokens, int top_k,
+                       int hidden) {
+             if (num_tokens < 1 || top_k < 1 || hidden < 1)
+               throw std::invalid_argument("num_tokens, top_k and hidden must be >= 1");
+             NativeMoe& moe = runner.cast<NativeMoe&>();
+             auto host_call = std::make_unique<NativeHostCall>();
+             host_call->runner = runner;
+             host_call->log = log;
+             host_call->call = HostCall{moe.runner.get(),
+                                        MoeCall{reinterpret_cast<const void*>(x), x_bf16,
+                                                reinterpret_cast<const void*>(topk_ids), ids_int64,
+                                                reinterpret_cast<const float*>(topk_weights),
+                                                reinterpret_cast<float*>(out), num_tokens, top_k},
+                                        hidden, log.cast<HostCallLog*>()};
+             return host_call;
+           }),
+           "runner"_a, "log"_a, "x"_a, "x_bf16"_a, "topk_ids"_a, "ids_int64"_a, "topk_weights"_a, "out"_a,
+           "num_tokens"_a, "top_k"_a, "hidden"_a)
+      .def_property_readonly("address",
+                             [](NativeHostCall& self) { return reinterpret_cast<uintptr_t>(&self.call); });
 }

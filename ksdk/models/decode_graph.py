@@ -1,0 +1,123 @@
+"""The whole decode step as one CUDA graph: from the hidden states after the embedding to the logits.
+
+One graph per batch size (up to GRAPH_MAX_BATCH) and length bucket, captured lazily at the first step of
+that shape; all share one memory pool. The routed experts run inside the graph as host nodes
+(``ksdk.offload.host_call``), so a replay is a few copies into static buffers plus ``graph.replay()``: no
+Python and no host sync per layer. The step ends with one stream sync, after which the native log is read
+for errors the experts raised on the driver's thread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING
+
+import torch
+
+from ksdk.layers.attention_metadata import AttentionMetadata
+from ksdk.layers.mla import GRAPH_MAX_BATCH, GRAPH_POOL, copy_page_table, length_bucket
+from ksdk.layers.moe import MoE, MoEStepContext
+from ksdk.offload.host_call import raise_if_failed
+from ksdk.offload.native import load_native
+
+if TYPE_CHECKING:
+    from ksdk.models.deepseek import DeepseekForCausalLM
+
+__all__ = ["DecodeGraphs"]
+
+
+class _CapturedStep:
+    """One decode step of B sequences within one length bucket, captured. Inputs are copied into static
+    buffers before each replay; ``logits`` is a static buffer the next replay overwrites."""
+
+    def __init__(self, model: DeepseekForCausalLM, x: torch.Tensor, positions: torch.Tensor,
+                 meta: AttentionMetadata, kv_cache: list[torch.Tensor], bucket: int, ctx: MoEStepContext) -> None:
+        B = x.shape[0]
+        self.kv_cache = kv_cache  # the graph reads and writes these pages: keep them (and the list's id) alive
+        self.x, self.positions = x.clone(), positions.clone()  # [B, hidden], [B]
+        page_table = meta.page_table.new_zeros(B, -(-bucket // meta.page_size))  # as wide as the bucket needs
+        copy_page_table(page_table, meta.page_table)
+        self.meta = dataclasses.replace(meta, query_start_loc=meta.query_start_loc.clone(),
+                                        seq_lens=meta.seq_lens.clone(), page_table=page_table,
+                                        slot_mapping=meta.slot_mapping.clone())
+
+        def run() -> torch.Tensor:
+            return model.decode_step(self.x, self.positions, self.meta, kv_cache, bucket, ctx)
+
+        # Warm-up outside the capture (Triton compiles, cuBLAS workspace, the experts' pinned buffers). It runs
+        # the step for real, host calls included; writing this step's cache slots twice is harmless.
+        device = x.device
+        warm = torch.cuda.Stream(device)
+        warm.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(warm):
+            run()
+        torch.cuda.current_stream(device).wait_stream(warm)
+        torch.cuda.synchronize(device)
+        raise_if_failed(ctx.log)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=GRAPH_POOL.handle):
+            self.logits = run()  # [B, vocab] fp32
+
+    def replay(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        self.x.copy_(x)
+        self.positions.copy_(positions)
+        self.meta.seq_lens.copy_(meta.seq_lens)
+        copy_page_table(self.meta.page_table, meta.page_table)
+        self.meta.slot_mapping.copy_(meta.slot_mapping)
+        self.graph.replay()
+        return self.logits
+
+
+class DecodeGraphs:
+    """A model's captured decode steps, keyed by batch size, length bucket and KV cache.
+
+    The graphs bind the routed experts present at capture: after swapping a layer's experts call
+    :meth:`clear`. ``log`` (a native HostCallLog) counts the host calls and the time spent in them.
+    """
+
+    def __init__(self, model: DeepseekForCausalLM) -> None:
+        self.model = model
+        self._log: object | None = None
+        self._ctx: MoEStepContext | None = None
+        self._graphs: dict[tuple[int, ...], _CapturedStep] = {}
+        self._capturable: bool | None = None
+
+    @property
+    def log(self) -> object:
+        """The native HostCallLog of every host call in these graphs: ``calls``, ``expert_ns``, ``skip_experts``."""
+        if self._log is None:
+            self._log = load_native().HostCallLog()
+        return self._log
+
+    @property
+    def capturable(self) -> bool:
+        """Whether every MoE layer's routed experts can run as a host node (native ones can, torch ones not)."""
+        if self._capturable is None:
+            moes = [layer.ffn for layer in self.model.layers if isinstance(layer.ffn, MoE)]
+            self._capturable = self.model.device.type == "cuda" and all(m.host_experts() is not None for m in moes)
+        return self._capturable
+
+    def serves(self, meta: AttentionMetadata) -> bool:
+        """A decode batch (one new token per sequence) of at most GRAPH_MAX_BATCH sequences, on a model that
+        can be captured; mixed and prefill batches stay eager."""
+        return meta.num_seqs <= GRAPH_MAX_BATCH and meta.is_decode and self.capturable
+
+    def clear(self) -> None:
+        """Drop every captured step (their memory returns to the shared pool)."""
+        self._graphs.clear()
+        self._capturable = None
+
+    def run(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+            kv_cache: list[torch.Tensor]) -> torch.Tensor:
+        """x [B, hidden] after the embedding, positions [B] -> [B, vocab] fp32 logits (a fresh tensor)."""
+        bucket = length_bucket(max(meta.seq_lens_host))
+        key = (x.shape[0], bucket, id(kv_cache), kv_cache[0].data_ptr())  # the step keeps the list alive
+        step = self._graphs.get(key)
+        if step is None:
+            if self._ctx is None:
+                self._ctx = MoEStepContext(self.log, torch.cuda.Stream(x.device))
+            step = self._graphs[key] = _CapturedStep(self.model, x, positions, meta, kv_cache, bucket, self._ctx)
+        logits = step.replay(x, positions, meta).clone()  # the static buffer is overwritten by the next replay
+        torch.cuda.current_stream(x.device).synchronize()  # the host calls have run: their errors are final
+        raise_if_failed(self.log)
+        return logits
