@@ -43,7 +43,8 @@ class ExpertHostMemory:
         for raw in raws:
             offsets.append(total)
             total += -(-raw.nbytes // _ALIGN) * _ALIGN
-        self._map = mmap.mmap(-1, max(total, _ALIGN))  # anonymous, private, page-aligned
+        # Private anonymous memory (not mmap's default shared one, which is shmem: no transparent huge pages)
+        self._map = mmap.mmap(-1, max(total, _ALIGN), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         if hasattr(mmap, "MADV_HUGEPAGE"):  # fewer TLB misses for the CPU kernels, fewer pages to pin
             self._map.madvise(mmap.MADV_HUGEPAGE)
         whole = np.frombuffer(self._map, dtype=np.uint8)
