@@ -3,6 +3,11 @@
 For each T it reports ms per layer, the effective GB/s over the distinct experts the call read (each
 is read once per call however many tokens chose it), and that as a share of the host's read bandwidth
 measured in the same run with the same thread count. Expert ids are random on every call.
+
+``--tile-isa auto,off`` prints one table per setting of the prefill tile path on the same layer (AMX, or
+its emulation, for experts with at least ``--tile-min-tokens`` tokens; ``off``: the row kernels only).
+``--per-expert 4,8,16`` adds a table with every expert given exactly n tokens (T = n * E / top_k),
+for each setting: where the tile path starts to win is the threshold to use.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import torch
 
 from ksdk.bench.random_blocks import RandomExpertTensor, random_expert_tensor
 from ksdk.errors import KsdkError
-from ksdk.offload.cpu_experts import CPUExperts, default_num_threads, physical_cores
+from ksdk.offload.cpu_experts import TILE_ISAS, CPUExperts, default_num_threads, physical_cores
 from ksdk.offload.native import load_native
 
 __all__ = ["FULL", "SMALL", "ExpertsBenchConfig", "add_parser", "run_experts_bench"]
@@ -93,12 +98,18 @@ class PointResult:
     gbs: float
 
 
-def _measure(experts: CPUExperts, config: ExpertsBenchConfig, num_tokens: int, gen: torch.Generator) -> PointResult:
+def _measure(
+    experts: CPUExperts, config: ExpertsBenchConfig, num_tokens: int, gen: torch.Generator, *, uniform: bool = False
+) -> PointResult:
     x = torch.randn(num_tokens, config.hidden, generator=gen)
     out = torch.empty(num_tokens, config.hidden)
     weights = torch.rand(num_tokens, config.top_k, generator=gen)
 
     def random_ids() -> torch.Tensor:  # k distinct experts per token
+        if uniform:  # token i takes expert group i mod (E / k): each expert gets num_tokens * k / E tokens
+            groups = config.n_expert // config.top_k
+            slots = (torch.arange(num_tokens) % groups)[:, None] * config.top_k + torch.arange(config.top_k)
+            return torch.randperm(config.n_expert, generator=gen)[slots].int()
         return torch.rand(num_tokens, config.n_expert, generator=gen).topk(config.top_k).indices.int()
 
     experts.forward(x, random_ids(), weights)  # warm-up: buffers sized, threads awake
@@ -136,7 +147,17 @@ def _target(num_tokens: int, share: float, ms: float) -> str:
     return ""
 
 
-def run_experts_bench(config: ExpertsBenchConfig, *, num_threads: int, isa: str, why: str) -> list[PointResult]:
+def run_experts_bench(
+    config: ExpertsBenchConfig,
+    *,
+    num_threads: int,
+    isa: str,
+    why: str,
+    tile_isas: tuple[str, ...] = ("auto",),
+    tile_min_tokens: int | None = None,
+    per_expert: tuple[int, ...] = (),
+) -> list[PointResult]:
+    """Prints the tables; returns the T-table points of every tile setting, in order."""
     native = load_native()
     print(f"ksdk experts benchmark: {config.name} ({why})")
     print(f"  cpu: {platform.processor() or platform.machine()}, {physical_cores()} physical cores, "
@@ -147,28 +168,75 @@ def run_experts_bench(config: ExpertsBenchConfig, *, num_threads: int, isa: str,
           f"{config.expert_bytes() / 1e6:.1f} MB per expert, {layer_gb:.2f} GB per layer")
     print("  making random valid blocks in memory ...", flush=True)
     layer = _make_layer(config)
-    experts = CPUExperts(*layer, num_threads=num_threads, isa=isa)
+    runs = [
+        CPUExperts(*layer, num_threads=num_threads, isa=isa, tile_isa=t, tile_min_tokens=tile_min_tokens)
+        for t in tile_isas
+    ]
     probe_bytes = min(config.probe_bytes, _total_memory_bytes() // 8)
-    host_gbs = native.read_bandwidth(probe_bytes, experts.num_threads, 5)
-    print(f"  threads: {experts.num_threads}, kernels: {experts.isa}; host read bandwidth with "
-          f"{experts.num_threads} threads: {host_gbs:.1f} GB/s (best of 5 reads of {probe_bytes / 2**30:.1f} GiB)")
-    print()
-    header = f"{'T':>6} {'ms/layer':>10} {'experts read':>13} {'GB/s':>8} {'% of host':>10}  target (16-core GPU host)"
-    print(header)
-    print("-" * len(header))
+    host_gbs = native.read_bandwidth(probe_bytes, runs[0].num_threads, 5)
+    print(f"  threads: {runs[0].num_threads}, kernels: {runs[0].isa}; host read bandwidth with "
+          f"{runs[0].num_threads} threads: {host_gbs:.1f} GB/s (best of 5 reads of {probe_bytes / 2**30:.1f} GiB)")
     gen = torch.Generator().manual_seed(0)
     results = []
-    for num_tokens in config.tokens:
-        r = _measure(experts, config, num_tokens, gen)
-        share = r.gbs / host_gbs
-        target = _target(num_tokens, share, r.ms_per_layer) if _is_r1_layer(config) else "n/a (not the R1 layer)"
-        print(f"{r.num_tokens:>6} {r.ms_per_layer:>10.2f} {r.experts_per_call:>13.1f} {r.gbs:>8.1f} "
-              f"{share:>10.1%}  {target}", flush=True)
-        results.append(r)
+    for experts in runs:
+        print()
+        print(f"  tiles: {_tiles_label(experts)}")
+        header = (f"{'T':>6} {'ms/layer':>10} {'experts read':>13} {'GB/s':>8} {'% of host':>10}  "
+                  "target (16-core GPU host)")
+        print(header)
+        print("-" * len(header))
+        for num_tokens in config.tokens:
+            r = _measure(experts, config, num_tokens, gen)
+            share = r.gbs / host_gbs
+            target = _target(num_tokens, share, r.ms_per_layer) if _is_r1_layer(config) else "n/a (not the R1 layer)"
+            print(f"{r.num_tokens:>6} {r.ms_per_layer:>10.2f} {r.experts_per_call:>13.1f} {r.gbs:>8.1f} "
+                  f"{share:>10.1%}  {target}", flush=True)
+            results.append(r)
+        phases = ", ".join(f"{name} {ms:.3f}" for name, ms in experts.last_phase_ms.items())
+        print(f"  phases of the last call at T={config.tokens[-1]} (ms): {phases}")
+    if per_expert:
+        _per_expert_table(runs, config, per_expert, host_gbs, gen)
     print()
     print("GB/s counts each distinct expert once per call (its bytes / the call's time); targets apply to the "
           "full R1 layer on the lent 16-core host (reference: KTransformers 3.0 ms at T=1 with 14 threads).")
     return results
+
+
+def _tiles_label(experts: CPUExperts) -> str:
+    if experts.tile_isa == "off":
+        return "off (row kernels for every expert)"
+    return f"{experts.tile_isa} for experts with >= {experts.tile_min_tokens} tokens, row kernels below"
+
+
+def _per_expert_table(
+    runs: list[CPUExperts], config: ExpertsBenchConfig, per_expert: tuple[int, ...], host_gbs: float,
+    gen: torch.Generator,
+) -> None:
+    """Every expert active with exactly n tokens: ms per layer of each tile setting side by side."""
+    if config.n_expert % config.top_k:
+        raise KsdkError(f"--per-expert needs n_expert ({config.n_expert}) divisible by top_k ({config.top_k})")
+    print()
+    print(f"  every expert given exactly n tokens (T = n * {config.n_expert // config.top_k}); ms/layer "
+          f"(% of host bandwidth) per tile setting")
+    header = f"{'n':>4} {'T':>6}" + "".join(f" {e.tile_isa:>20}" for e in runs)
+    print(header)
+    print("-" * len(header))
+    for n in per_expert:
+        num_tokens = n * config.n_expert // config.top_k
+        cells = []
+        for experts in runs:
+            r = _measure(experts, config, num_tokens, gen, uniform=True)
+            cells.append(f"{r.ms_per_layer:>10.2f} ({r.gbs / host_gbs:>6.1%})")
+        print(f"{n:>4} {num_tokens:>6}" + "".join(f" {c:>20}" for c in cells), flush=True)
+
+
+def _tile_isa_list(text: str) -> tuple[str, ...]:
+    values = tuple(text.split(","))
+    unknown = [v for v in values if v not in TILE_ISAS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"--tile-isa {text!r}: {unknown[0]!r} is unknown; allowed: "
+                                         f"{', '.join(TILE_ISAS)} (comma-separated)")
+    return values
 
 
 def _token_list(text: str) -> tuple[int, ...]:
@@ -195,7 +263,15 @@ def _run(args: argparse.Namespace) -> int:
         config = replace(config, seconds_per_point=args.seconds)
     num_threads = args.threads if args.threads is not None else default_num_threads()
     try:
-        run_experts_bench(config, num_threads=num_threads, isa=args.isa, why=why)
+        run_experts_bench(
+            config,
+            num_threads=num_threads,
+            isa=args.isa,
+            why=why,
+            tile_isas=args.tile_isa,
+            tile_min_tokens=args.tile_min_tokens,
+            per_expert=args.per_expert or (),
+        )
     except KsdkError as exc:  # e.g. the native module not built, or an isa this CPU lacks
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -218,5 +294,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--tokens", type=_token_list, help="comma-separated T values (default 1,4,16,64,256,1024)")
     parser.add_argument("--seconds", type=float, help="time budget per T (default 1.0; at least 3 calls)")
     parser.add_argument("--isa", default="auto", choices=["auto", "scalar", "avx2", "avx512vnni"],
-                        help="kernel family (default: the best this CPU runs)")
+                        help="row-kernel family (default: the best this CPU runs)")
+    parser.add_argument("--tile-isa", type=_tile_isa_list, default=("auto",),
+                        help="prefill tile path, comma-separated for one table each on the same layer: auto, amx, "
+                        "amx-emulated, off (default auto: AMX where the CPU has it)")
+    parser.add_argument("--tile-min-tokens", type=_positive_int,
+                        help="tokens an expert needs for the tile path (default: the native default)")
+    parser.add_argument("--per-expert", type=_token_list,
+                        help="also time every expert given exactly n tokens, for these n (comma-separated)")
     parser.set_defaults(run=_run)

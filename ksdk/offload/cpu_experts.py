@@ -23,6 +23,8 @@ __all__ = ["SUPPORTED_QTYPES", "CPUExperts", "ExpertTensorView", "default_num_th
 Q = gguf.GGMLQuantizationType
 SUPPORTED_QTYPES: tuple[Q, ...] = (Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q8_0, Q.BF16, Q.F16)
 ISAS = ("auto", "scalar", "avx2", "avx512vnni")
+TILE_ISAS = ("auto", "amx", "amx-emulated", "off")
+PHASES = ("quantize_x", "pack_x", "gate_up", "quantize_h", "down")
 
 
 class ExpertTensorView(Protocol):
@@ -87,7 +89,13 @@ class CPUExperts:
             CPUExperts with the same count share one thread pool, so one layer runs at a time.
         copy_to_ram: copy the expert bytes into process memory (``host_memory``) instead of reading the memmap.
         lock_memory: ``mlock`` the bytes the kernels read (needs RLIMIT_MEMLOCK headroom).
-        isa: kernel family, ``"auto"`` (best this CPU runs) or one of ``scalar``, ``avx2``, ``avx512vnni``.
+        isa: row-kernel family, ``"auto"`` (best this CPU runs) or one of ``scalar``, ``avx2``, ``avx512vnni``.
+        tile_isa: how experts with many tokens in a call (prefill) run, for k-quant weights: ``"auto"``
+            (AMX-INT8 tiles where the CPU and OS allow them, else the row kernels), ``"amx"``,
+            ``"amx-emulated"`` (the same algorithm on AVX512-VNNI, bit-identical to AMX: for tests) or
+            ``"off"`` (row kernels for every expert).
+        tile_min_tokens: an expert takes the tile path when it has at least this many tokens in a call
+            (default: the native default, 8, measured on the lent Xeon host; see native/README.md).
     """
 
     def __init__(
@@ -100,6 +108,8 @@ class CPUExperts:
         copy_to_ram: bool = False,
         lock_memory: bool = False,
         isa: str = "auto",
+        tile_isa: str = "auto",
+        tile_min_tokens: int | None = None,
     ) -> None:
         native = load_native()
         n_expert, intermediate, hidden = (int(v) for v in gate.shape)
@@ -112,6 +122,11 @@ class CPUExperts:
             raise InvalidRequestError(f"num_threads={num_threads} is invalid; allowed: an int >= 1 or None")
         if isa not in ISAS:
             raise InvalidRequestError(f"isa={isa!r} is unknown; allowed: {', '.join(ISAS)}")
+        if tile_isa not in TILE_ISAS:
+            raise InvalidRequestError(f"tile_isa={tile_isa!r} is unknown; allowed: {', '.join(TILE_ISAS)}")
+        if tile_min_tokens is not None and tile_min_tokens < 1:
+            raise InvalidRequestError(f"tile_min_tokens={tile_min_tokens} is invalid; allowed: an int >= 1 or None")
+        tile_kwargs = {} if tile_min_tokens is None else {"tile_min_tokens": tile_min_tokens}
         # copy_to_ram: one page-aligned mapping per layer, which the GPU path may register for direct copies
         self.host_memory = ExpertHostMemory([v.raw for v in (gate, up, down)]) if copy_to_ram else None
         raws = list(self.host_memory.arrays) if self.host_memory is not None else [v.raw for v in (gate, up, down)]
@@ -132,9 +147,11 @@ class CPUExperts:
                 intermediate,
                 num_threads,
                 isa,
+                tile_isa,
+                **tile_kwargs,
             )
-        except ValueError as exc:  # a CPU that lacks the named isa
-            raise InvalidRequestError(f"isa={isa!r}: {exc}") from exc
+        except ValueError as exc:  # a CPU that lacks the named isa or tile_isa (the message names which)
+            raise InvalidRequestError(str(exc)) from exc
         self.n_expert, self.hidden, self.intermediate = n_expert, hidden, intermediate
         self._inflight: tuple[torch.Tensor, ...] | None = None
 
@@ -144,8 +161,24 @@ class CPUExperts:
 
     @property
     def isa(self) -> str:
-        """The kernel family in use (``scalar``, ``avx2`` or ``avx512vnni``)."""
+        """The row-kernel family in use (``scalar``, ``avx2`` or ``avx512vnni``)."""
         return str(self._runner.isa)
+
+    @property
+    def tile_isa(self) -> str:
+        """The tile path in use for experts with many tokens (``amx``, ``amx-emulated``, or ``off``)."""
+        return str(self._runner.tile_isa)
+
+    @property
+    def last_phase_ms(self) -> dict[str, float]:
+        """Wall time of the last finished call's phases in ms: ``quantize_x``, ``pack_x`` (tile path),
+        ``gate_up``, ``quantize_h``, ``down``."""
+        return {name: ns / 1e6 for name, ns in zip(PHASES, self._runner.phase_ns, strict=True)}
+
+    @property
+    def tile_min_tokens(self) -> int:
+        """Tokens an expert needs in a call to take the tile path."""
+        return int(self._runner.tile_min_tokens)
 
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         """Weighted sum of each token's top-k experts: x [T, H] fp32|bf16 -> [T, H] fp32."""

@@ -96,7 +96,7 @@ PYBIND11_MODULE(_native, m) {
   py::class_<NativeMoe>(m, "MoeRunner")
       .def(py::init([](py::buffer gate, py::buffer up, py::buffer down, int gate_type, int up_type,
                        int down_type, int n_expert, int hidden, int intermediate, int num_threads,
-                       const std::string& isa) {
+                       const std::string& isa, const std::string& tile_isa, int tile_min_tokens) {
              auto moe = std::make_unique<NativeMoe>();
              const ExpertTensor g = expert_tensor(gate, gate_type, n_expert, intermediate, hidden, "gate");
              const ExpertTensor u = expert_tensor(up, up_type, n_expert, intermediate, hidden, "up");
@@ -104,11 +104,12 @@ PYBIND11_MODULE(_native, m) {
              moe->gate = gate;
              moe->up = up;
              moe->down = down;
-             moe->runner = std::make_unique<MoeRunner>(g, u, d, num_threads, isa);
+             moe->runner = std::make_unique<MoeRunner>(g, u, d, num_threads, isa,
+                                                       TileOptions{select_tile_gemm(tile_isa), tile_min_tokens});
              return moe;
            }),
            "gate"_a, "up"_a, "down"_a, "gate_type"_a, "up_type"_a, "down_type"_a, "n_expert"_a, "hidden"_a,
-           "intermediate"_a, "num_threads"_a, "isa"_a = "auto")
+           "intermediate"_a, "num_threads"_a, "isa"_a = "auto", "tile_isa"_a = "auto", "tile_min_tokens"_a = 8)
       .def(
           "submit",
           [](NativeMoe& self, uintptr_t x, bool x_bf16, uintptr_t topk_ids, bool ids_int64,
@@ -128,6 +129,9 @@ PYBIND11_MODULE(_native, m) {
       .def("wait", [](NativeMoe& self) { self.runner->wait(); }, py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("pending", [](const NativeMoe& self) { return self.runner->pending(); })
       .def_property_readonly("isa", [](const NativeMoe& self) { return std::string(self.runner->isa()); })
+      .def_property_readonly("tile_isa", [](const NativeMoe& self) { return std::string(self.runner->tile_isa()); })
+      .def_property_readonly("tile_min_tokens", [](const NativeMoe& self) { return self.runner->tile_min_tokens(); })
+      .def_property_readonly("phase_ns", [](const NativeMoe& self) { return self.runner->phase_ns(); })
       .def_property_readonly("num_threads", [](const NativeMoe& self) { return self.runner->num_threads(); });
 
   // ---- host calls (ksdk/host_call.h): routed experts as host nodes of captured decode steps ----

@@ -1,10 +1,13 @@
-// Phases of one call, all workers in each (barrier between): A quantize each token once; B fused
-// gate+up on row tiles of every active expert (all of that expert's tokens per weight row, so each
-// row is read once); C quantize each (token, expert) intermediate; D down projection on tiles of
-// output rows across all active experts, weighted-summed into disjoint output rows (no atomics).
+// Phases of one call, all workers in each (barrier between): A quantize each token once (and, for experts
+// on the tile path, pack their tokens into B tiles); B fused gate+up on row tiles of every active expert
+// (all of that expert's tokens per weight row, so each row is read once); C quantize each (token, expert)
+// intermediate (packed too for tile experts); D down projection on tiles of output rows across all
+// active experts, weighted-summed into disjoint output rows (no atomics). Experts with at least
+// tile_min_tokens tokens run B and D on int8 tiles (kquant_tiles.h), the others on the row kernels.
 #include "ksdk/moe.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <stdexcept>
 
@@ -15,6 +18,7 @@ namespace {
 
 constexpr int kGateUpTile = 16;  // rows per work item: small enough to keep every thread busy at T=1
 constexpr int kDownTile = 16;
+static_assert(kGateUpTile == kTileRows && kDownTile == kTileRows, "a work item is one weight tile");
 constexpr int kSkipSlot = -1;  // a topk_ids entry that contributes nothing (e.g. the slot runs on the GPU)
 
 float silu(float v) { return v / (1.f + std::exp(-v)); }
@@ -28,10 +32,25 @@ inline void prefetch_head(const uint8_t* row, int64_t row_bytes) {
 }  // namespace
 
 MoeRunner::MoeRunner(ExpertTensor gate, ExpertTensor up, ExpertTensor down, int num_threads,
-                     const std::string& isa)
-    : gate_(gate), up_(up), down_(down), kernels_(select_row_dot(isa)), pool_(ThreadPool::shared(num_threads)) {
+                     const std::string& isa, TileOptions tile_options)
+    : gate_(gate),
+      up_(up),
+      down_(down),
+      kernels_(select_row_dot(isa)),
+      pool_(ThreadPool::shared(num_threads)),
+      tiles_(tile_options.tiles),
+      tile_min_tokens_(tile_options.min_tokens) {
+  if (tile_min_tokens_ < 1)
+    throw std::invalid_argument("tile_min_tokens=" + std::to_string(tile_min_tokens_) + " is invalid; allowed: >= 1");
   up_shares_gate_act_ = act_format(gate.type) == act_format(up.type);
   scratch_.resize(pool_->size());
+  tiles_gate_up_ = tiles_ && tile_supported(gate.type) && tile_supported(up.type);
+  tiles_down_ = tiles_ && tile_supported(down.type);
+  if (tiles_gate_up_ || tiles_down_) {
+    tile_scratch_.resize(pool_->size());
+    for (auto& s : tile_scratch_) s = std::make_unique<TileScratch>();
+    tile_acc_.resize(pool_->size());
+  }
 }
 
 MoeRunner::~MoeRunner() {
@@ -94,7 +113,50 @@ void MoeRunner::plan(const MoeCall& call) {
   }
   const size_t scratch = std::max<size_t>(H, 3 * size_t(max_tokens_per_expert_));
   for (auto& s : scratch_) s.resize(scratch);
+  plan_tiles();
   for (auto& c : next_item_) c.next.store(0, std::memory_order_relaxed);
+  workers_done_.next.store(0, std::memory_order_relaxed);
+}
+
+void MoeRunner::plan_tiles() {
+  const int n_active = int(active_experts_.size());
+  first_tile_.assign(n_active, -1);
+  token_tiles_.clear();
+  packed_x_tiles_.clear();
+  n_packed_tiles_ = 0;
+  int max_tiles = 0;
+  for (int a = 0; a < n_active; ++a) {
+    const int n_tok = expert_begin_[a + 1] - expert_begin_[a];
+    const int n_tiles = (n_tok + kTileTokens - 1) / kTileTokens;
+    for (int t = 0; t < n_tiles; ++t) token_tiles_.emplace_back(a, t);
+    if (!(tiles_gate_up_ || tiles_down_) || n_tok < tile_min_tokens_) continue;
+    first_tile_[a] = n_packed_tiles_;
+    n_packed_tiles_ += n_tiles;
+    max_tiles = std::max(max_tiles, n_tiles);
+    if (tiles_gate_up_)
+      for (int t = 0; t < n_tiles; ++t) packed_x_tiles_.emplace_back(a, t);
+  }
+  if (n_packed_tiles_ == 0) return;
+  const size_t n_sb_h = size_t(gate_.cols / kSuperBlock), n_sb_i = size_t(down_.cols / kSuperBlock);
+  if (tiles_gate_up_) {
+    x_packed_.resize(n_packed_tiles_ * n_sb_h * kTokenBlockBytes);
+    x_meta_.resize(n_packed_tiles_ * n_sb_h);
+  }
+  if (tiles_down_) {
+    h_packed_.resize(n_packed_tiles_ * n_sb_i * kTokenBlockBytes);
+    h_meta_.resize(n_packed_tiles_ * n_sb_i);
+  }
+  for (auto& acc : tile_acc_) acc.resize(size_t(2) * kTileRows * kTileTokens * max_tiles);
+}
+
+PackedTokens MoeRunner::packed(bool intermediate, int a) {
+  const int n_sb = (intermediate ? down_.cols : gate_.cols) / kSuperBlock;
+  const int n_tok = expert_begin_[a + 1] - expert_begin_[a];
+  const size_t first = size_t(first_tile_[a]) * n_sb;
+  AlignedBytes& data = intermediate ? h_packed_ : x_packed_;
+  auto& meta = intermediate ? h_meta_ : x_meta_;
+  return PackedTokens{reinterpret_cast<int8_t*>(data.data()) + first * kTokenBlockBytes, meta.data() + first,
+                      (n_tok + kTileTokens - 1) / kTileTokens, n_sb};
 }
 
 void MoeRunner::submit(const MoeCall& call) {
@@ -112,13 +174,46 @@ void MoeRunner::wait() {
 }
 
 void MoeRunner::work(int worker) {
+  const bool tiles = n_packed_tiles_ > 0;  // the same answer on every worker: the plan is shared
+  if (tiles) tiles_->begin_thread();
+  using Clock = std::chrono::steady_clock;
+  auto start = Clock::now();
+  auto phase_done = [&](int phase) {  // worker 0 times the phases after each barrier
+    if (worker != 0) return;
+    const auto now = Clock::now();
+    phase_ns_[phase] = std::chrono::duration_cast<std::chrono::nanoseconds>(now - start).count();
+    start = now;
+  };
   quantize_tokens(worker);
   pool_->barrier();
+  phase_done(0);
+  if (!packed_x_tiles_.empty()) {
+    pack_tokens();
+    pool_->barrier();
+  }
+  phase_done(1);
   gate_up(worker);
   pool_->barrier();
+  phase_done(2);
   quantize_intermediate();
   pool_->barrier();
+  phase_done(3);
+  if (worker == 0) down_start_ns_ = Clock::now().time_since_epoch().count();
   down(worker);
+  if (tiles) tiles_->end_thread();
+  // The last worker to finish times the down phase (no barrier: join() is the end).
+  if (workers_done_.next.fetch_add(1) + 1 == pool_->size())
+    phase_ns_[4] = Clock::now().time_since_epoch().count() - down_start_ns_;
+}
+
+void MoeRunner::pack_tokens() {
+  const int n_items = int(packed_x_tiles_.size());
+  for (int i; (i = next_item_[4].next.fetch_add(1)) < n_items;) {
+    const auto [a, t] = packed_x_tiles_[i];
+    const int first = expert_begin_[a] + t * kTileTokens;
+    const int n = std::min(kTileTokens, expert_begin_[a + 1] - first);
+    pack_token_tile(gate_acts_.data() + first, n, packed(false, a), t);
+  }
 }
 
 void MoeRunner::quantize_tokens(int worker) {
@@ -158,6 +253,11 @@ void MoeRunner::gate_up(int worker) {
     const int a = item / tiles_per_expert, e = active_experts_[a];
     const int begin = expert_begin_[a], n_tok = expert_begin_[a + 1] - begin;
     const int r0 = first_row(item), r1 = std::min(I, r0 + kGateUpTile);
+    if (tiles_gate_up_ && first_tile_[a] >= 0) {
+      tile_gate_up(worker, a, r0);
+      item = next_item;
+      continue;
+    }
     const uint8_t* gate_rows = gate_.data + e * gate_.expert_stride;
     const uint8_t* up_rows = up_.data + e * up_.expert_stride;
     for (int r = r0; r < r1; ++r) {
@@ -177,11 +277,52 @@ void MoeRunner::gate_up(int worker) {
   }
 }
 
+void MoeRunner::tile_gate_up(int worker, int a, int r0) {
+  const int I = gate_.rows, e = active_experts_[a];
+  const int begin = expert_begin_[a], n_tok = expert_begin_[a + 1] - begin;
+  const int n_rows = std::min(kTileRows, I - r0);
+  const WeightTile w[2] = {
+      {gate_.data + e * gate_.expert_stride + r0 * gate_.row_stride, gate_.row_stride, n_rows, gate_.type},
+      {up_.data + e * up_.expert_stride + r0 * up_.row_stride, up_.row_stride, n_rows, up_.type}};
+  const PackedTokens x = packed(false, a);
+  const int stride = x.n_tiles * kTileTokens;
+  float* g = tile_acc_[worker].data();
+  float* u = g + kTileRows * stride;
+  float* acc[2] = {g, u};
+  weight_tiles_times_tokens(*tiles_, w, acc, 2, stride, x, *tile_scratch_[worker]);
+  for (int j = 0; j < n_tok; ++j)
+    for (int r = 0; r < n_rows; ++r)
+      h_[size_t(begin + j) * I + r0 + r] = silu(g[r * stride + j]) * u[r * stride + j];
+}
+
+// Items are token tiles of 16 assignments of one expert: a tile expert's tile is packed right after
+// its rows are quantized, while they are in cache.
 void MoeRunner::quantize_intermediate() {
-  const int I = gate_.rows, n_assign = int(assign_token_.size());
+  const int I = gate_.rows, n_items = int(token_tiles_.size());
   const size_t row_bytes = act_row_bytes(down_.type, I);
-  for (int j; (j = next_item_[2].next.fetch_add(1)) < n_assign;)
-    quantize_activation(down_.type, h_.data() + size_t(j) * I, I, h_q_.data() + size_t(j) * row_bytes);
+  for (int i; (i = next_item_[2].next.fetch_add(1)) < n_items;) {
+    const auto [a, t] = token_tiles_[i];
+    const int first = expert_begin_[a] + t * kTileTokens;
+    const int n = std::min(kTileTokens, expert_begin_[a + 1] - first);
+    for (int j = first; j < first + n; ++j)
+      quantize_activation(down_.type, h_.data() + size_t(j) * I, I, h_q_.data() + size_t(j) * row_bytes);
+    if (tiles_down_ && first_tile_[a] >= 0) pack_token_tile(down_acts_.data() + first, n, packed(true, a), t);
+  }
+}
+
+void MoeRunner::tile_down(int worker, int a, int r0) {
+  const int H = down_.rows, e = active_experts_[a];
+  const int begin = expert_begin_[a], n_tok = expert_begin_[a + 1] - begin;
+  const int n_rows = std::min(kTileRows, H - r0);
+  const WeightTile w{down_.data + e * down_.expert_stride + r0 * down_.row_stride, down_.row_stride, n_rows,
+                     down_.type};
+  const PackedTokens x = packed(true, a);
+  const int stride = x.n_tiles * kTileTokens;
+  float* y = tile_acc_[worker].data();
+  weight_tiles_times_tokens(*tiles_, &w, &y, 1, stride, x, *tile_scratch_[worker]);
+  for (int r = 0; r < n_rows; ++r)
+    for (int j = 0; j < n_tok; ++j)
+      call_.out[size_t(assign_token_[begin + j]) * H + r0 + r] += assign_weight_[begin + j] * y[r * stride + j];
 }
 
 void MoeRunner::down(int worker) {
@@ -201,6 +342,10 @@ void MoeRunner::down(int worker) {
     for (int t = 0; t < T; ++t)
       for (int r = r0; r < r1; ++r) call_.out[size_t(t) * H + r] = 0.f;
     for (int a = 0; a < n_active; ++a) {
+      if (tiles_down_ && first_tile_[a] >= 0) {
+        tile_down(worker, a, r0);
+        continue;
+      }
       const int begin = expert_begin_[a], n_tok = expert_begin_[a + 1] - begin;
       for (int r = r0; r < r1; ++r) {
         const uint8_t* after = r + 1 < r1         ? row_of(a, r + 1)

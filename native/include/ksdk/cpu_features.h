@@ -4,13 +4,14 @@
 #include <string>
 
 #include "ksdk/row_dot.h"
+#include "ksdk/tile_gemm.h"
 
 namespace ksdk {
 
 struct CpuFeatures {
   bool avx2 = false;        // with FMA and F16C
   bool avx512vnni = false;  // AVX512F/BW/VL + VNNI
-  bool amx_int8 = false;    // reported only; no AMX kernels yet
+  bool amx_int8 = false;    // AMX-TILE + AMX-INT8 with OS tile state (XCR0 bits 17-18), and avx512vnni
 };
 
 const CpuFeatures& cpu_features();

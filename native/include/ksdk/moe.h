@@ -7,14 +7,17 @@
 // and phase D disjoint output rows, so the node split needs no extra reduction and memory stays 1x.
 #pragma once
 
+#include <array>
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <memory>
 #include <new>
 #include <string>
+#include <utility>
 #include <vector>
 
+#include "ksdk/kquant_tiles.h"
 #include "ksdk/quant_blocks.h"
 #include "ksdk/row_dot.h"
 #include "ksdk/thread_pool.h"
@@ -60,9 +63,17 @@ struct MoeCall {
   int num_tokens, top_k;
 };
 
+// How experts with many tokens are computed: on int8 tiles (kquant_tiles.h) when `tiles` is set, the
+// weight types are k-quants and the expert has at least min_tokens tokens in the call; else the row kernels.
+struct TileOptions {
+  const TileGemm* tiles;  // from select_tile_gemm(); nullptr: row kernels only
+  int min_tokens;
+};
+
 class MoeRunner {
  public:
-  MoeRunner(ExpertTensor gate, ExpertTensor up, ExpertTensor down, int num_threads, const std::string& isa);
+  MoeRunner(ExpertTensor gate, ExpertTensor up, ExpertTensor down, int num_threads, const std::string& isa,
+            TileOptions tile_options);
   ~MoeRunner();
   MoeRunner(const MoeRunner&) = delete;
   MoeRunner& operator=(const MoeRunner&) = delete;
@@ -73,15 +84,25 @@ class MoeRunner {
   void wait();
   bool pending() const { return pending_; }
   const char* isa() const { return kernels_.isa; }
+  const char* tile_isa() const { return tiles_ ? tiles_->name : "off"; }
+  int tile_min_tokens() const { return tile_min_tokens_; }
+  // Wall time of the last call's phases (quantize x, pack x, gate+up, quantize h, down), in ns, as worker
+  // 0 saw them (each ends when the slowest worker reaches the barrier). Valid after wait().
+  const std::array<int64_t, 5>& phase_ns() const { return phase_ns_; }
   int num_threads() const { return pool_->size(); }
 
  private:
   void plan(const MoeCall& call);
+  void plan_tiles();
   void work(int worker);
   void quantize_tokens(int worker);
   void gate_up(int worker);
+  void pack_tokens();
   void quantize_intermediate();
   void down(int worker);
+  PackedTokens packed(bool intermediate, int a);
+  void tile_gate_up(int worker, int a, int r0);
+  void tile_down(int worker, int a, int r0);
 
   ExpertTensor gate_, up_, down_;
   const RowDotTable& kernels_;
@@ -99,12 +120,28 @@ class MoeRunner {
   std::vector<const uint8_t*> gate_acts_, up_acts_, down_acts_;
   std::vector<float> h_;  // [n_assign, I]: SiLU(gate) * up
   std::vector<std::vector<float>> scratch_;  // per worker
+  // Tile path: per active expert, its first packed token tile (-1: row kernels); the (expert, token tile)
+  // pairs of every active expert, the work items that quantize the intermediate; packed x and h.
+  const TileGemm* tiles_;
+  int tile_min_tokens_;
+  bool tiles_gate_up_, tiles_down_;  // the weight types allow it
+  std::vector<int> first_tile_;
+  std::vector<std::pair<int, int>> token_tiles_;
+  int n_packed_tiles_ = 0;
+  std::vector<std::pair<int, int>> packed_x_tiles_;  // (expert, tile) to pack for gate/up
+  AlignedBytes x_packed_, h_packed_;
+  std::vector<TokenTileMeta, CacheLineAllocator<TokenTileMeta>> x_meta_, h_meta_;
+  std::vector<std::unique_ptr<TileScratch>> tile_scratch_;  // per worker
+  std::vector<std::vector<float>> tile_acc_;                // per worker: [2][16][16 * tiles]
   // Work counters of the four phases, each on its own cache line: every worker bumps them, and they
   // must not evict the read-mostly fields above from the other workers' caches.
   struct alignas(64) Counter {
     std::atomic<int> next{0};
   };
-  Counter next_item_[4];
+  Counter next_item_[5];
+  std::array<int64_t, 5> phase_ns_{};
+  Counter workers_done_;       // workers past the down phase: the last one times it
+  int64_t down_start_ns_ = 0;  // steady_clock; worker 0 writes it before counting itself done
 };
 
 }  // namespace ksdk
