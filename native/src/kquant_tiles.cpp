@@ -66,7 +66,7 @@ inline void kquant_scales_mins(const uint8_t* packed, uint64_t* sc, uint64_t* mn
 }
 
 template <typename Block>
-void decode_q45k(const Block& b, int r, TileScratch& s) {
+void decode_q45k(const Block& b, int r, DecodedBlock& s) {
   constexpr bool kQ5 = sizeof(Block) == sizeof(BlockQ5K);
   uint64_t sc, mn;
   kquant_scales_mins(b.scales, &sc, &mn);
@@ -87,7 +87,7 @@ void decode_q45k(const Block& b, int r, TileScratch& s) {
   }
 }
 
-void decode_q6k(const BlockQ6K& b, int r, TileScratch& s) {
+void decode_q6k(const BlockQ6K& b, int r, DecodedBlock& s) {
   s.dw[r] = f16(b.d);
   const __m512i table = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b.scales)));
 #pragma GCC unroll 4
@@ -110,7 +110,7 @@ void decode_q6k(const BlockQ6K& b, int r, TileScratch& s) {
 }
 
 template <typename Block>
-void decode_rows(const WeightTile& w, int sb, TileScratch& s) {
+void decode_rows(const WeightTile& w, int sb, DecodedBlock& s) {
   for (int r = 0; r < kTileRows; ++r) {
     if (r >= w.n_rows) {  // past the matrix: zero weights
       std::memset(s.lo + 256 * r, 0, 256);
@@ -127,7 +127,7 @@ void decode_rows(const WeightTile& w, int sb, TileScratch& s) {
   }
 }
 
-void decode(const WeightTile& w, int sb, TileScratch& s) {
+void decode(const WeightTile& w, int sb, DecodedBlock& s) {
   switch (w.type) {
     case QType::Q4_K: return decode_rows<BlockQ4K>(w, sb, s);
     case QType::Q5_K: return decode_rows<BlockQ5K>(w, sb, s);
@@ -148,7 +148,7 @@ void prefetch_blocks(const WeightTile& w, int sb) {
 }
 
 // acc[r][16 tokens] += this super-block's contribution, from its int32 sums c_lo, c_hi.
-void epilogue(QType type, const int32_t* c_lo, const int32_t* c_hi, const TokenTileMeta& m, const TileScratch& s,
+void epilogue(QType type, const int32_t* c_lo, const int32_t* c_hi, const TokenTileMeta& m, const DecodedBlock& s,
               float* acc, int acc_stride) {
   const __m512 dx = _mm512_load_ps(m.d);
   if (type == QType::Q6_K) {
@@ -206,27 +206,39 @@ void pack_token_tile(const uint8_t* const* act_rows, int n_tok, const PackedToke
 }
 
 void weight_tiles_times_tokens(const TileGemm& gemm, const WeightTile* w, float* const* acc, int n_w,
-                               int acc_stride, const PackedTokens& x, TileScratch& s) {
+                               int acc_stride, const PackedTokens& x, TileScratch& scratch) {
   const int n_tokens = x.n_tiles * kTileTokens;
   for (int i = 0; i < n_w; ++i)
     for (int r = 0; r < kTileRows; ++r) std::memset(acc[i] + r * acc_stride, 0, sizeof(float) * n_tokens);
   for (int i = 0; i < n_w; ++i)
     for (int sb = 0; sb < kPrefetchBlocksAhead && sb < x.n_sb; ++sb) prefetch_blocks(w[i], sb);
-  for (int sb = 0; sb < x.n_sb; ++sb) {
-    for (int i = 0; i < n_w; ++i) {
-      if (sb + kPrefetchBlocksAhead < x.n_sb) prefetch_blocks(w[i], sb + kPrefetchBlocksAhead);
-      decode(w[i], sb, s);
-      for (int t = 0; t < x.n_tiles; t += 2) {
-        const int n_b = x.n_tiles - t >= 2 ? 2 : 1;
-        const int8_t* b[2] = {x.data + (int64_t(t) * x.n_sb + sb) * kTokenBlockBytes,
-                              x.data + (int64_t(t + n_b - 1) * x.n_sb + sb) * kTokenBlockBytes};
-        gemm.superblock(s.lo, s.hi, b, n_b, s.c);
-        for (int u = 0; u < n_b; ++u)
-          epilogue(w[i].type, s.c + 512 * u, s.c + 512 * u + 256, x.meta[int64_t(t + u) * x.n_sb + sb], s,
-                   acc[i] + (t + u) * kTileTokens, acc_stride);
-      }
-    }
+  // Step k multiplies one pair (or the last single) of token tiles by one decoded block; the blocks
+  // (group g = k / pairs: super-block g / n_w of weight g % n_w) are used in order, a pair at a time.
+  const int pairs = (x.n_tiles + 1) / 2, n_steps = x.n_sb * n_w * pairs;
+  auto decode_group = [&](int g) {
+    const int sb = g / n_w, i = g % n_w;
+    if (sb + kPrefetchBlocksAhead < x.n_sb) prefetch_blocks(w[i], sb + kPrefetchBlocksAhead);
+    decode(w[i], sb, scratch.blocks[g % 3]);
+  };
+  auto finish = [&](int k) {  // the epilogue of step k, from its sums in c[k % 2]
+    const int g = k / pairs, sb = g / n_w, i = g % n_w, t = 2 * (k % pairs);
+    const int32_t* c = scratch.c[k % 2];
+    for (int u = 0; u < 2 && t + u < x.n_tiles; ++u)
+      epilogue(w[i].type, c + 512 * u, c + 512 * u + 256, x.meta[int64_t(t + u) * x.n_sb + sb], scratch.blocks[g % 3],
+               acc[i] + (t + u) * kTileTokens, acc_stride);
+  };
+  decode_group(0);
+  for (int k = 0; k < n_steps; ++k) {
+    const int g = k / pairs, sb = g / n_w, t = 2 * (k % pairs);
+    const int n_b = x.n_tiles - t >= 2 ? 2 : 1;
+    const int8_t* b[2] = {x.data + (int64_t(t) * x.n_sb + sb) * kTokenBlockBytes,
+                          x.data + (int64_t(t + n_b - 1) * x.n_sb + sb) * kTokenBlockBytes};
+    const DecodedBlock& block = scratch.blocks[g % 3];
+    gemm.superblock(block.lo, block.hi, b, n_b, scratch.c[k % 2]);
+    if (k + 1 < n_steps && (k + 1) / pairs != g) decode_group(g + 1);
+    if (k > 0) finish(k - 1);
   }
+  if (n_steps > 0) finish(n_steps - 1);
 }
 
 }  // namespace ksdk

@@ -45,11 +45,19 @@ struct WeightTile {
   QType type;
 };
 
-// A worker's decode and tile buffers (12.5 KB): one decoded super-block of 16 rows and its int32 sums.
-struct alignas(64) TileScratch {
+// One decoded super-block of 16 weight rows: the u8 planes and the row scales.
+struct alignas(64) DecodedBlock {
   uint8_t lo[kTileRows * 256], hi[kTileRows * 256];
-  int32_t c[4 * kTileRows * kTileTokens];
   float dw[kTileRows], mw[kTileRows][8];  // d per row; dmin * min_j per row and sub-block
+};
+
+// A worker's buffers (34 KB). The loop is software-pipelined so that no vector load waits on a tile store
+// just issued, and no tile load on vector stores just issued: while the tiles multiply step k, the vector
+// units decode the block of step k+1 and run the epilogue of step k-1. That keeps three decoded blocks
+// (k-1's scales, k's planes, k+1's) and two sets of sums alive.
+struct alignas(64) TileScratch {
+  DecodedBlock blocks[3];
+  int32_t c[2][4 * kTileRows * kTileTokens];
 };
 
 // For i < n_w (1 or 2, e.g. gate and up, sharing each loaded token block): acc[i][r * acc_stride + t] =
