@@ -3,7 +3,7 @@
 from typing import Any
 
 def cpu_features() -> dict[str, bool]:
-    """Which kernel families this CPU can run: avx2, avx512vnni, amx_int8."""
+    """Which kernel families this CPU can run: avx2, avx512vnni, amx_int8 (CPU and OS, with AVX512-VNNI)."""
 
 def prefetch_distance() -> int:
     """Bytes the k-quant kernels prefetch ahead of their weight reads (process-wide)."""
@@ -37,7 +37,11 @@ class MoeRunner:
         intermediate: int,
         num_threads: int,
         isa: str = "auto",
-    ) -> None: ...
+        tile_isa: str = "auto",
+        tile_min_tokens: int = 8,
+    ) -> None:
+        """tile_isa: "auto" | "amx" | "amx-emulated" | "off"; experts with >= tile_min_tokens tokens in a call
+        run on int8 tiles (k-quant weights only). ValueError for an unknown or unavailable tile_isa."""
     def submit(
         self,
         x: int,
@@ -56,6 +60,14 @@ class MoeRunner:
     def pending(self) -> bool: ...
     @property
     def isa(self) -> str: ...
+    @property
+    def tile_isa(self) -> str:
+        """The tile path in use: "amx", "amx-emulated" or "off"."""
+    @property
+    def tile_min_tokens(self) -> int: ...
+    @property
+    def phase_ns(self) -> list[int]:
+        """The last call's phase times in ns: quantize x, pack x, gate+up, quantize h, down."""
     @property
     def num_threads(self) -> int: ...
 
