@@ -320,9 +320,10 @@ void MoeRunner::tile_down(int worker, int a, int r0) {
   const int stride = x.n_tiles * kTileTokens;
   float* y = tile_acc_[worker].data();
   weight_tiles_times_tokens(*tiles_, &w, &y, 1, stride, x, *tile_scratch_[worker]);
-  for (int r = 0; r < n_rows; ++r)
-    for (int j = 0; j < n_tok; ++j)
-      call_.out[size_t(assign_token_[begin + j]) * H + r0 + r] += assign_weight_[begin + j] * y[r * stride + j];
+  for (int j = 0; j < n_tok; ++j) {  // each token's 16 outputs are contiguous
+    float* out = call_.out + size_t(assign_token_[begin + j]) * H + r0;
+    for (int r = 0; r < n_rows; ++r) out[r] += assign_weight_[begin + j] * y[r * stride + j];
+  }
 }
 
 void MoeRunner::down(int worker) {

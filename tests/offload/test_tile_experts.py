@@ -139,3 +139,26 @@ def test_non_kquant_weights_stay_on_rows() -> None:
     tiles = CPUExperts(gate, up, down, num_threads=2, tile_isa="amx-emulated", tile_min_tokens=1)
     rows = CPUExperts(gate, up, down, num_threads=2, tile_isa="off")
     assert torch.equal(tiles.forward(x, ids, weights), rows.forward(x, ids, weights))
+
+
+def test_bench_compares_tile_settings_on_one_layer(capsys) -> None:
+    from dataclasses import replace
+
+    from ksdk.bench.__main__ import main
+    from ksdk.bench.experts import SMALL, run_experts_bench
+
+    tiny = replace(SMALL, name="tiny layer", n_expert=16, hidden=256, intermediate=256, tokens=(1, 40),
+                   seconds_per_point=0.0, min_calls=1, probe_bytes=16 << 20)
+    settings = ("amx-emulated", "off") if FEATURES["avx512vnni"] else ("off",)
+    results = run_experts_bench(tiny, num_threads=1, isa="auto", why="test", tile_isas=settings,
+                                tile_min_tokens=2, per_expert=(2, 4))
+    assert [r.num_tokens for r in results] == [1, 40] * len(settings)
+    text = capsys.readouterr().out
+    assert "tiles: off (row kernels for every expert)" in text
+    assert "every expert given exactly n tokens (T = n * 2)" in text  # 16 experts / top-8
+    assert "phases of the last call at T=40 (ms): quantize_x" in text
+    if FEATURES["avx512vnni"]:
+        assert "tiles: amx-emulated for experts with >= 2 tokens" in text
+    with pytest.raises(SystemExit):
+        main(["experts", "--tile-isa", "auto,gpu"])
+    assert "'gpu' is unknown" in capsys.readouterr().err
