@@ -153,7 +153,7 @@ def test_an_error_in_the_host_call_raises_after_the_step() -> None:
     router.offset.fill_(0)
     batch.step([0])  # the error was taken: the next replay is fine
     batch.step([0])
-    assert len(batch.new[0]) == 3
+    assert len(batch.new[0]) == 4  # prefill, capture, two replays: the failed step sampled nothing
     other = Batch(broken, [[9, 10, 11]], 4)
     other.step([0])  # prefill
     router.offset.fill_(1000)
