@@ -33,7 +33,6 @@ class _CapturedStep:
     def __init__(self, model: DeepseekForCausalLM, x: torch.Tensor, positions: torch.Tensor,
                  meta: AttentionMetadata, kv_cache: list[torch.Tensor], bucket: int, ctx: MoEStepContext) -> None:
         B = x.shape[0]
-        self.kv_cache = kv_cache  # the graph reads and writes these pages: keep them (and the list's id) alive
         self.x, self.positions = x.clone(), positions.clone()  # [B, hidden], [B]
         page_table = meta.page_table.new_zeros(B, -(-bucket // meta.page_size))  # as wide as the bucket needs
         copy_page_table(page_table, meta.page_table)
@@ -69,17 +68,20 @@ class _CapturedStep:
 
 
 class DecodeGraphs:
-    """A model's captured decode steps, keyed by batch size, length bucket and KV cache.
+    """A model's captured decode steps for one KV cache, keyed by batch size and length bucket.
 
-    The graphs bind the routed experts present at capture: after swapping a layer's experts call
-    :meth:`clear`. ``log`` (a native HostCallLog) counts the host calls and the time spent in them.
+    The graphs bind the pages of one KV cache (the list object the engine passes every step, held here):
+    a step with another list drops them, so memory stays bounded when callers build caches per call. They
+    also bind the routed experts present at capture: after swapping a layer's experts call :meth:`clear`.
+    ``log`` (a native HostCallLog) counts the host calls and the time spent in them.
     """
 
     def __init__(self, model: DeepseekForCausalLM) -> None:
         self.model = model
         self._log: object | None = None
         self._ctx: MoEStepContext | None = None
-        self._graphs: dict[tuple[int, ...], _CapturedStep] = {}
+        self._graphs: dict[tuple[int, int], _CapturedStep] = {}  # (batch, bucket)
+        self._kv_cache: list[torch.Tensor] | None = None  # the cache the graphs read and write
         self._capturable: bool | None = None
 
     @property
@@ -105,13 +107,17 @@ class DecodeGraphs:
     def clear(self) -> None:
         """Drop every captured step (their memory returns to the shared pool)."""
         self._graphs.clear()
+        self._kv_cache = None
         self._capturable = None
 
     def run(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
             kv_cache: list[torch.Tensor]) -> torch.Tensor:
         """x [B, hidden] after the embedding, positions [B] -> [B, vocab] fp32 logits (a fresh tensor)."""
         bucket = length_bucket(max(meta.seq_lens_host))
-        key = (x.shape[0], bucket, id(kv_cache), kv_cache[0].data_ptr())  # the step keeps the list alive
+        if kv_cache is not self._kv_cache:
+            self.clear()
+            self._kv_cache = kv_cache
+        key = (x.shape[0], bucket)
         step = self._graphs.get(key)
         if step is None:
             if self._ctx is None:
