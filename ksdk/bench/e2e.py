@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 import zlib
 from collections.abc import Callable
@@ -181,6 +182,7 @@ def synthetic_gguf(spec: TinyModelSpec, folder: Path | None = None) -> Path:
         writer.write_tensor_data(_random_tensor(name, shape, qtypes[name], zlib.crc32(name.encode())))
     writer.close()
     tmp.replace(path)
+    os.sync()  # write the dirty pages back now: writeback would otherwise compete with the timed runs
     return path
 
 

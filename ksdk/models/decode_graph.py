@@ -3,8 +3,10 @@
 One graph per batch size (up to GRAPH_MAX_BATCH) and length bucket, captured lazily at the first step of
 that shape; all share one memory pool. The routed experts run inside the graph as host nodes
 (``ksdk.offload.host_call``), so a replay is a few copies into static buffers plus ``graph.replay()``: no
-Python and no host sync per layer. The step ends with one stream sync, after which the native log is read
-for errors the experts raised on the driver's thread.
+Python and no host sync per layer. The step ends with one host wait, after which the native log is read
+for errors the experts raised on the driver's thread. That wait blocks (a blocking-sync event) rather than
+spinning as a plain stream sync does: a spinning host thread takes a core from the expert workers for the
+whole step, and one descheduled worker stalls every phase barrier of every layer.
 """
 
 from __future__ import annotations
@@ -83,6 +85,7 @@ class DecodeGraphs:
         self._graphs: dict[tuple[int, int], _CapturedStep] = {}  # (batch, bucket)
         self._kv_cache: list[torch.Tensor] | None = None  # the cache the graphs read and write
         self._capturable: bool | None = None
+        self._done: torch.cuda.Event | None = None  # blocking-sync: the host sleeps while the step runs
 
     @property
     def log(self) -> object:
@@ -124,6 +127,9 @@ class DecodeGraphs:
                 self._ctx = MoEStepContext(self.log, torch.cuda.Stream(x.device))
             step = self._graphs[key] = _CapturedStep(self.model, x, positions, meta, kv_cache, bucket, self._ctx)
         logits = step.replay(x, positions, meta).clone()  # the static buffer is overwritten by the next replay
-        torch.cuda.current_stream(x.device).synchronize()  # the host calls have run: their errors are final
+        if self._done is None:
+            self._done = torch.cuda.Event(blocking=True)
+        self._done.record(torch.cuda.current_stream(x.device))
+        self._done.synchronize()  # the host calls have run: their errors are final
         raise_if_failed(self.log)
         return logits

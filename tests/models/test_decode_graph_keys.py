@@ -36,6 +36,8 @@ def graphs(monkeypatch: pytest.MonkeyPatch) -> DecodeGraphs:
     stream = types.SimpleNamespace(synchronize=lambda: None)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: stream)
     monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: object())
+    event = types.SimpleNamespace(record=lambda stream=None: None, synchronize=lambda: None)
+    monkeypatch.setattr(torch.cuda, "Event", lambda **kwargs: event)
     model = types.SimpleNamespace(layers=[], device=torch.device("cuda"))
     return DecodeGraphs(model)  # type: ignore[arg-type]
 
