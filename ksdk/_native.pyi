@@ -69,6 +69,9 @@ class MoeRunner:
     def phase_ns(self) -> list[int]:
         """The last call's phase times in ns: quantize x, pack x, gate+up, quantize h, down."""
     @property
+    def call_buffer_bytes(self) -> int:
+        """Per-call buffers kept between calls: a decode-sized call's stay, larger ones are freed by wait()."""
+    @property
     def num_threads(self) -> int: ...
 
 # ---- host calls (native/include/ksdk/host_call.h): routed experts as host nodes of captured decode steps ----

@@ -176,6 +176,11 @@ class CPUExperts:
         return {name: ns / 1e6 for name, ns in zip(PHASES, self._runner.phase_ns, strict=True)}
 
     @property
+    def call_buffer_bytes(self) -> int:
+        """Bytes of per-call buffers held between calls (a decode-sized call's; larger ones are freed)."""
+        return int(self._runner.call_buffer_bytes)
+
+    @property
     def tile_min_tokens(self) -> int:
         """Tokens an expert needs in a call to take the tile path."""
         return int(self._runner.tile_min_tokens)

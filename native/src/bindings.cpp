@@ -132,6 +132,7 @@ PYBIND11_MODULE(_native, m) {
       .def_property_readonly("tile_isa", [](const NativeMoe& self) { return std::string(self.runner->tile_isa()); })
       .def_property_readonly("tile_min_tokens", [](const NativeMoe& self) { return self.runner->tile_min_tokens(); })
       .def_property_readonly("phase_ns", [](const NativeMoe& self) { return self.runner->phase_ns(); })
+      .def_property_readonly("call_buffer_bytes", [](const NativeMoe& self) { return self.runner->call_buffer_bytes(); })
       .def_property_readonly("num_threads", [](const NativeMoe& self) { return self.runner->num_threads(); });
 
   // ---- host calls (ksdk/host_call.h): routed experts as host nodes of captured decode steps ----

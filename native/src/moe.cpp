@@ -171,6 +171,28 @@ void MoeRunner::wait() {
   if (!pending_) throw std::logic_error("wait() called without a pending submit()");
   pool_->join();
   pending_ = false;
+  release_large_buffers();
+}
+
+size_t MoeRunner::call_buffer_bytes() const {
+  size_t bytes = x_gate_q_.capacity() + x_up_q_.capacity() + h_q_.capacity() + x_packed_.capacity() +
+                 h_packed_.capacity() + h_.capacity() * sizeof(float);
+  for (const auto& acc : tile_acc_) bytes += acc.capacity() * sizeof(float);
+  return bytes;
+}
+
+// Every MoE layer has its own runner; a long prompt's buffers kept by each would add up to gigabytes over
+// R1's 58 layers (~170 MB a layer at T=1024). Decode-sized buffers stay; prefill-sized ones go after the call
+// (allocating them again costs page faults spread over the workers, small beside such a call's time).
+void MoeRunner::release_large_buffers() {
+  if (call_buffer_bytes() <= kKeepBufferBytes) return;
+  AlignedBytes().swap(x_gate_q_);
+  AlignedBytes().swap(x_up_q_);
+  AlignedBytes().swap(h_q_);
+  AlignedBytes().swap(x_packed_);
+  AlignedBytes().swap(h_packed_);
+  std::vector<float>().swap(h_);
+  for (auto& acc : tile_acc_) std::vector<float>().swap(acc);
 }
 
 void MoeRunner::work(int worker) {

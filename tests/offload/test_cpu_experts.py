@@ -141,6 +141,19 @@ def test_thread_counts_give_identical_results(layer) -> None:
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
 
 
+def test_prefill_sized_buffers_are_freed_after_the_call(layer) -> None:
+    """Every layer has its own runner: a long prompt's buffers kept by each would add up over 58 layers."""
+    experts = CPUExperts(*layer, num_threads=2)
+    ids, weights = routing(4, 8, 16, skewed=False)
+    experts.forward(torch.randn(4, 256), ids, weights)
+    assert 0 < experts.call_buffer_bytes <= 16 << 20  # decode-sized: kept for the next step
+    x = torch.randn(2048, 256)
+    ids, weights = routing(2048, 8, 16, skewed=False)
+    first = experts.forward(x, ids, weights)
+    assert experts.call_buffer_bytes == 0
+    assert torch.equal(experts.forward(x, ids, weights), first)
+
+
 def test_prefetch_distance_changes_no_result(layer) -> None:
     native = load_native()
     x = torch.randn(12, 256)

@@ -83,6 +83,10 @@ class MoeRunner {
   void submit(const MoeCall& call);
   void wait();
   bool pending() const { return pending_; }
+  // Bytes of the per-call buffers (activations, intermediates, tile scratch) held between calls: those of a
+  // decode-sized call stay, larger ones are freed by wait() (kKeepBufferBytes).
+  size_t call_buffer_bytes() const;
+  static constexpr size_t kKeepBufferBytes = size_t(16) << 20;
   const char* isa() const { return kernels_.isa; }
   const char* tile_isa() const { return tiles_ ? tiles_->name : "off"; }
   int tile_min_tokens() const { return tile_min_tokens_; }
@@ -94,6 +98,7 @@ class MoeRunner {
  private:
   void plan(const MoeCall& call);
   void plan_tiles();
+  void release_large_buffers();  // frees the call buffers when above kKeepBufferBytes
   void work(int worker);
   void quantize_tokens(int worker);
   void gate_up(int worker);
