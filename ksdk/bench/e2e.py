@@ -326,15 +326,36 @@ class _Runner:
             for moe, experts in saved:
                 moe.experts = experts
 
-    def prefill_seconds(self, tokens: int) -> float:
+    def _prefill_inputs(self, tokens: int) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         pages = list(range(-(-tokens // self.page_size)))
         meta = AttentionMetadata.build([tokens], [tokens], [pages], self.page_size, self.device)
         ids = torch.randint(0, self.model.config.vocab_size, (tokens,), device=self.device)
-        positions = torch.arange(tokens, device=self.device)
-        self._step(ids, positions, meta)  # warm-up (kernel compilation, pinned buffers)
+        return ids, torch.arange(tokens, device=self.device), meta
+
+    def prefill_seconds(self, tokens: int) -> float:
+        inputs = self._prefill_inputs(tokens)
+        self._step(*inputs)  # warm-up (kernel compilation, pinned buffers)
         start = self.clock.now()
-        self._step(ids, positions, meta)
+        self._step(*inputs)
         return self.clock.now() - start
+
+    def prefill_layer_ms(self, tokens: int) -> tuple[list[float], float]:
+        """Per-layer ms of one prefill step of ``tokens`` (device drained around each layer), and the step's."""
+        inputs = self._prefill_inputs(tokens)
+        starts: list[float] = []
+        totals: list[float] = []
+        hooks = []
+        for layer in self.model.layers:
+            hooks.append(layer.register_forward_pre_hook(lambda *_: starts.append(self.clock.now())))
+            hooks.append(layer.register_forward_hook(lambda *_: totals.append(self.clock.now() - starts[-1])))
+        try:
+            start = self.clock.now()
+            self._step(*inputs)
+            step = self.clock.now() - start
+        finally:
+            for h in hooks:
+                h.remove()
+        return [1e3 * t for t in totals], 1e3 * step
 
     def profile(self, batch: int, rows: int = 30) -> str:
         """torch.profiler's op table (by device time) for one decode step of ``batch`` sequences."""
@@ -551,6 +572,7 @@ def run_e2e(config: E2EConfig) -> None:
             cpu_seconds = _cpu_only(hybrids, lambda: runner.prefill_seconds(tokens))
             line += f"; CPU experts only: {tokens / cpu_seconds:.1f} tok/s ({1e3 * cpu_seconds:.0f} ms)"
         print(line, flush=True)
+        print(_prefill_extrapolation(runner, tokens, full_dense, moe_full), flush=True)
     if hybrids:
         crossover = hybrids[0].crossover
         measured = crossover.measurement
@@ -568,6 +590,25 @@ def run_e2e(config: E2EConfig) -> None:
           f"61-layer figures: eager tables scale the measured dense/MoE layer times x {full_dense}/{moe_full} plus "
           f"the rest; the step-graph table scales the per-layer non-expert time x {full_layers} and the experts x "
           f"{moe_full}.")
+
+
+PREFILL_TARGETS = {2048: 250, 8192: 800}  # R1-extrapolated tok/s (issue #6)
+
+
+def _prefill_extrapolation(runner: _Runner, tokens: int, full_dense: int, moe_full: int) -> str:
+    """One more prefill step timed layer by layer, scaled to R1's dense and MoE layer counts."""
+    layer_ms, step_ms = runner.prefill_layer_ms(tokens)
+    is_moe = [hasattr(layer.ffn, "experts") for layer in runner.model.layers]
+    dense = [ms for ms, moe in zip(layer_ms, is_moe) if not moe]
+    moe = [ms for ms, moe in zip(layer_ms, is_moe) if moe]
+    if not dense or not moe:
+        return "    (61-layer figure needs at least one dense and one MoE layer)"
+    dense_ms, moe_ms = sum(dense) / len(dense), sum(moe) / len(moe)
+    full_ms = step_ms - sum(layer_ms) + full_dense * dense_ms + moe_full * moe_ms
+    target = PREFILL_TARGETS.get(tokens)
+    return (f"    this step {step_ms:.0f} ms: dense layer {dense_ms:.1f} ms, MoE layer {moe_ms:.1f} ms, rest "
+            f"{step_ms - sum(layer_ms):.1f} ms -> {full_dense + moe_full} layers: {tokens / full_ms * 1e3:.0f} tok/s"
+            + (f" (target >= {target})" if target else ""))
 
 
 def _int_list(text: str) -> tuple[int, ...]:
