@@ -1,53 +1,100 @@
-"""Time the decode GEMV over R1's non-expert shapes for a few tile configs; run on the GPU machine:
-``python scripts/gemv_sweep.py [M,M,...]``. Prints microseconds and GB/s of weight bytes per config."""
+"""Time the decode GEMV over R1's non-expert shapes: the kernel before issue #6 (``scripts/dequant_matmul_v0.py``),
+the default config of today's and a few candidate configs. Run on the GPU machine:
+``python scripts/gemv_sweep.py [M,M,...]``. Prints GB/s of weight bytes per config (weights rotated over enough
+copies to leave L2, as in a decode step that reads 10 GB)."""
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
 from gguf.constants import GGMLQuantizationType as Q
 from triton.testing import do_bench
 
-import ksdk.kernels.dequant_matmul as dm
 from ksdk.bench.e2e import _random_q5_0
 from ksdk.bench.random_blocks import random_expert_tensor
 from ksdk.kernels.dequant_matmul import GemvConfig, dequant_matmul
+
+sys.path.insert(0, str(Path(__file__).parent))
+import dequant_matmul_v0 as v0  # noqa: E402
 
 SHAPES = [  # name, N, K, qtype (R1 at the Q4_K_M-like mix of ksdk.bench.e2e)
     ("q_a", 1536, 7168, Q.Q4_K), ("q_b", 24576, 1536, Q.Q4_K), ("kv_a", 576, 7168, Q.Q8_0),
     ("o_proj", 7168, 16384, Q.Q5_0), ("ffn_gate", 18432, 7168, Q.Q4_K), ("ffn_down", 7168, 18432, Q.Q5_0),
     ("sh_down", 7168, 2048, Q.Q6_K), ("lm_head", 129280, 7168, Q.Q6_K),
 ]
-CONFIGS = [GemvConfig(8, 256, 4, blocked=False), GemvConfig(4, 256, 4), GemvConfig(8, 256, 4), GemvConfig(16, 256, 4),
-           GemvConfig(32, 256, 4), GemvConfig(8, 256, 8), GemvConfig(16, 256, 8), GemvConfig(16, 256, 2)]
-Ms = [int(m) for m in (sys.argv[1] if len(sys.argv) > 1 else "1,4,16").split(",")]
-dm.GEMV_MAX_M = max(Ms)  # time the GEMV kernels at every M asked for
+# Candidates besides the default: (label, config); FMA configs only where their [M, BN, BK] products fit registers.
+CANDIDATES = [
+    ("fma16x256", GemvConfig(16, 256, 4)), ("dot32x128", GemvConfig(32, 128, 4, dot=True)),
+    ("dot32x256", GemvConfig(32, 256, 4, dot=True)), ("dot64x256w8", GemvConfig(64, 256, 8, dot=True)),
+    ("dot64x128p8", GemvConfig(64, 128, 4, dot=True, programs_per_sm=8)),
+    ("dot128x128w8", GemvConfig(128, 128, 8, dot=True)), ("dot128x64w8", GemvConfig(128, 64, 8, dot=True)),
+]
+L2_BYTES = 150 << 20  # rotate weight copies until this many bytes: past the H100's 50 MB L2
 
-print("configs (block_n, warps, blocked):", [(c.block_n, c.num_warps, c.blocked) for c in CONFIGS])
-for name, N, K, qt in SHAPES:
+
+def _fits(cfg: GemvConfig, M: int) -> bool:
+    return cfg.dot or (1 << (M - 1).bit_length()) * cfg.block_n * cfg.block_k <= 4096 * cfg.num_warps
+
+
+def _weights(N: int, K: int, qt: Q) -> torch.Tensor:
     if qt == Q.Q5_0:
         raw = _random_q5_0(N, K, np.random.default_rng(0), K ** -0.5)
     else:
         raw = random_expert_tensor(qt, 1, N, K, seed=0, scale=K ** -0.5).raw.reshape(N, -1)
-    w = torch.from_numpy(np.ascontiguousarray(raw)).cuda()
-    for M in Ms:
-        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-        ref = dequant_matmul(x, w, qt, K, gemv=CONFIGS[0]).float()
-        row = []
-        for cfg in CONFIGS:
-            if cfg.block_n * (1 << (M - 1).bit_length()) * 128 > 16384:  # [BM, BN, G, L] products spill
-                row.append("     -")
-                continue
-            y = dequant_matmul(x, w, qt, K, gemv=cfg).float()
-            err = (y - ref).abs().max().item() / ref.abs().max().item()
-            assert err < 2e-2, (name, cfg, err)
-            ms = do_bench(lambda: dequant_matmul(x, w, qt, K, gemv=cfg), warmup=5, rep=20)
-            row.append(f"{ms * 1e3:6.0f}")
-        dm.GEMV_MAX_M = 8
-        gemm = do_bench(lambda: dequant_matmul(x, w, qt, K), warmup=3, rep=10) if M > 8 else float("nan")
-        dm.GEMV_MAX_M = max(Ms)
-        best = min(float(r) for r in row if r.strip() != "-")
-        print(f"{name:8} M={M:<2} {qt.name:5} {w.numel() / 1e6:6.1f}MB us: " + " ".join(row)
-              + f" | best {w.numel() / best / 1e3:6.0f} GB/s | gemm {gemm * 1e3:6.0f}", flush=True)
+    return torch.from_numpy(np.ascontiguousarray(raw)).cuda()
+
+
+def graph_ms(fn, args: list) -> float:
+    """Median ms of one fn(a), from a CUDA graph of fn(a) for every a in args (no launch gaps: the decode step
+    is one graph too; rotating args keeps repeated weights out of L2)."""
+    for a in args:  # compile and allocate before the capture
+        fn(a)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for a in args:
+            fn(a)
+    return do_bench(graph.replay, warmup=10, rep=40, return_mode="median") / len(args)
+
+
+def main() -> None:
+    Ms = [int(m) for m in (sys.argv[1] if len(sys.argv) > 1 else "1,4,8").split(",")]
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    copy_ms = do_bench(lambda: src.clone(), warmup=10, rep=50, return_mode="median")
+    print(f"device copy: {2 * src.numel() / copy_ms / 1e6:.0f} GB/s (read + write) on {torch.cuda.get_device_name()}")
+    del src
+    print("columns: v0 (before) | new default | " + " ".join(label for label, _ in CANDIDATES))
+    table = []
+    for name, N, K, qt in SHAPES:
+        w = _weights(N, K, qt)
+        copies = [w] + [w.clone() for _ in range(min(31, L2_BYTES // w.numel()))]
+        for M in Ms:
+            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+            ref = v0.dequant_matmul(x, w, qt, K).float()  # fp32 products (checked against the torch reference)
+            scale = ref.abs().max().item()
+            row = {}
+            runs = [("v0", lambda wi: v0.dequant_matmul(x, wi, qt, K)),
+                    ("new", lambda wi: dequant_matmul(x, wi, qt, K))]
+            runs += [(label, (lambda c: lambda wi: dequant_matmul(x, wi, qt, K, gemv=c))(cfg))
+                     for label, cfg in CANDIDATES if _fits(cfg, M)]
+            for label, fn in runs:
+                err = (fn(w).float() - ref).abs().max().item() / scale
+                assert err < 2e-2, (name, M, label, err)
+                row[label] = w.numel() / graph_ms(fn, copies) / 1e6  # GB/s
+            best = max((v, k) for k, v in row.items() if k not in ("v0",))
+            table.append((name, M, qt.name, w.numel() / 1e6, row, best))
+            cols = " ".join(f"{label}={gbs:5.0f}" for label, gbs in row.items())
+            print(f"{name:8} M={M} {qt.name:5} {w.numel() / 1e6:6.1f}MB GB/s: {cols} | best {best[1]}", flush=True)
+        del copies, w
+        torch.cuda.empty_cache()
+    print("\nsummary (GB/s of weight bytes):")
+    for name, M, qn, mb, row, best in table:
+        print(f"{name:8} M={M} {qn:5} {mb:6.1f}MB  before {row['v0']:5.0f}  after {row['new']:5.0f}  "
+              f"best {best[0]:5.0f} ({best[1]})")
+
+
+if __name__ == "__main__":
+    main()

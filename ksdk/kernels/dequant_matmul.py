@@ -1,17 +1,20 @@
 """y = x @ W.T with W kept in its GGUF quant blocks on the GPU, dequantized on the fly in registers.
 
 W is the raw row-major GGUF bytes of one 2-D tensor, a uint8 tensor ``[N, bytes_per_row]``; each output
-feature's row is a run of quant blocks. Three kernels share the per-type decoders below:
+feature's row is a run of quant blocks. Both kernels walk K in steps of ``block_k`` values and multiply a
+dequantized [block_n, block_k] tile on the tensor cores in x's dtype (fp32 accumulation):
 
-- ``_blocked_gemv_kernel`` for decode (M up to ``GEMV_MAX_M``) on Q8_0/Q4_K/Q6_K/Q5_0: one program per N tile
-  (times a split of K when N alone gives too few programs), 256 inputs a step; each group's scale is decoded
-  once and applied to the group's Σ q·x, so the per-weight work is a byte load, a shift and an FMA;
-- ``_gemv_kernel``, the same launch for the other types: each element decodes its own scale fields;
-- ``_gemm_kernel`` for prefill: M x N tiles, ``tl.dot`` on the dequantized tile in the activation dtype.
+- ``_gemv_kernel`` for decode (M up to ``GEMV_MAX_M``, padded to 16): one program per N tile times a split of
+  K; splits write fp32 partials that ``_sum_splits_kernel`` adds in a fixed order (deterministic). Decode
+  speed is set by the instructions spent per weight, not by the multiply: even at M = 1 the tensor cores beat
+  fp32 FMAs, whose per-group sums reduce across threads. fp32 x takes the FMA path (``dot=False``), which
+  keeps fp32 products.
+- ``_gemm_kernel`` for prefill: M x N tiles.
 
-All accumulate in fp32. The decoders follow the bit layouts of ``ksdk.weights.quants`` (whose torch
-decoders are the reference, bit-exact with gguf-py); each element finds its block and fields by address,
-so a K tile may span any whole number of 32-value groups.
+The tile decoders read each quant byte once: Q4_K/Q5_K as 16-byte runs of 32 quant bytes split into the
+low- and high-nibble sub-blocks (two dots a step); Q8_0, Q5_0 and Q6_K, whose blocks are only 2-byte aligned
+(34, 22, 210 bytes), as uint16 pairs unpacked with ``tl.join`` so the tile stays in natural k order. Scale
+fields are decoded once per (row, group). The torch decoders of ``ksdk.weights.quants`` are the reference.
 """
 
 from __future__ import annotations
@@ -26,11 +29,21 @@ from gguf.constants import GGMLQuantizationType
 from ksdk.kernels.launch import num_programs_wanted
 from ksdk.weights.quants import bytes_per_row, dequantize
 
-__all__ = ["BLOCKED_QTYPES", "GEMV_MAX_M", "KERNEL_QTYPES", "GemvConfig", "dequant_matmul", "dequant_matmul_reference", "gemv_config"]
+__all__ = [
+    "GEMV_MAX_M",
+    "KERNEL_QTYPES",
+    "GemmConfig",
+    "GemvConfig",
+    "dequant_matmul",
+    "dequant_matmul_reference",
+    "gemm_config",
+    "gemv_config",
+]
 
 Q = GGMLQuantizationType
 KERNEL_QTYPES: tuple[GGMLQuantizationType, ...] = (Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q5_0)
 _QTYPE_ID = {q: i for i, q in enumerate(KERNEL_QTYPES)}  # the kernels' constexpr selector
+_GROUP = {Q.Q8_0: 32, Q.Q4_K: 32, Q.Q5_K: 32, Q.Q6_K: 16, Q.Q5_0: 32}  # values sharing one scale
 GEMV_MAX_M = 8  # above this many rows the tiled tl.dot kernel wins
 _X_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -42,39 +55,22 @@ def dequant_matmul_reference(x: torch.Tensor, w_raw: torch.Tensor, qtype: GGMLQu
     return (x.float() @ w.T).to(x.dtype)
 
 
-# ---- decoders: row [BN, 1] uint8 pointers, k [1, BK] absolute element indices -> fp32 [BN, BK] ----
+# ---- group decoders (the fp32 FMA path): blk/ok [BN, G] (a group's block address, in range), [BN, G, L] quants ----
+#
+# Each returns (q, scale, offset): fp32 [BN, G, L] quant values and fp32 [BN, G] per-group factors, the
+# weights being scale · q - offset (offset is zero but for the types with a min).
 
 
 @triton.jit
 def _f16_at(ptr, mask):
-    lo = tl.load(ptr, mask=mask, other=0).to(tl.uint16)
-    hi = tl.load(ptr + 1, mask=mask, other=0).to(tl.uint16)
-    return ((hi << 8) | lo).to(tl.float16, bitcast=True).to(tl.float32)
+    """The f16 at ``ptr`` (2-byte aligned in every block type) as fp32."""
+    h = tl.load(ptr.to(tl.pointer_type(tl.uint16)), mask=mask, other=0)
+    return h.to(tl.float16, bitcast=True).to(tl.float32)
 
 
 @triton.jit
 def _byte(ptr, mask):
     return tl.load(ptr, mask=mask, other=0).to(tl.int32)
-
-
-@triton.jit
-def _q8_0(row, k, mask):
-    # d f16, qs int8[32]
-    blk = row + (k // 32) * 34
-    d = _f16_at(blk, mask)
-    q = tl.load(blk + 2 + k % 32, mask=mask, other=0).to(tl.int8, bitcast=True).to(tl.float32)
-    return q * d
-
-
-@triton.jit
-def _q5_0(row, k, mask):
-    # d f16, qh u32 (bit e: element e's 5th bit), qs[16] (element e < 16: low nibble of qs[e], else high of qs[e-16])
-    blk = row + (k // 32) * 22
-    e = k % 32
-    d = _f16_at(blk, mask)
-    high = (_byte(blk + 2 + e // 8, mask) >> (e % 8)) & 1
-    low = (_byte(blk + 6 + e % 16, mask) >> (4 * (e // 16))) & 0xF
-    return d * ((low | (high << 4)) - 16).to(tl.float32)
 
 
 @triton.jit
@@ -89,57 +85,207 @@ def _k_scale_min(blk, j, mask):
 
 
 @triton.jit
-def _q4_k(row, k, mask):
-    # d, dmin, scales[12], qs[128]: sub-blocks 2c and 2c+1 are the low and high nibbles of qs[32c : 32c+32]
-    blk = row + (k // 256) * 144
-    e = k % 256
-    j, l = e // 32, e % 32
-    d = _f16_at(blk, mask)
-    dmin = _f16_at(blk + 2, mask)
-    sc, mn = _k_scale_min(blk, j, mask)
-    q = (_byte(blk + 16 + (j // 2) * 32 + l, mask) >> (4 * (j % 2))) & 0xF
-    return (d * sc) * q.to(tl.float32) - dmin * mn
+def _q8_0_groups(row, ok, ga):
+    # block ga: d f16, qs int8[32]
+    blk = row + ga * 34
+    l = tl.arange(0, 32)[None, None, :]
+    q = tl.load(blk[:, :, None] + 2 + l, mask=ok[:, :, None], other=0).to(tl.int8, bitcast=True).to(tl.float32)
+    d = _f16_at(blk, ok)
+    return q, d, d
 
 
 @triton.jit
-def _q5_k(row, k, mask):
-    # d, dmin, scales[12], qh[32] (bit j of qh[l]: sub-block j), qs[128] as in Q4_K
-    blk = row + (k // 256) * 176
-    e = k % 256
-    j, l = e // 32, e % 32
-    d = _f16_at(blk, mask)
-    dmin = _f16_at(blk + 2, mask)
-    sc, mn = _k_scale_min(blk, j, mask)
-    low = (_byte(blk + 48 + (j // 2) * 32 + l, mask) >> (4 * (j % 2))) & 0xF
-    high = (_byte(blk + 16 + l, mask) >> j) & 1
-    return (d * sc) * (low | (high << 4)).to(tl.float32) - dmin * mn
+def _q5_0_groups(row, ok, ga):
+    # block ga: d f16, qh u32 (bit e: element e's 5th bit), qs[16] (e < 16: low nibble of qs[e], else high of qs[e-16])
+    blk = row + ga * 22
+    e = tl.arange(0, 32)[None, None, :]
+    blk3, ok3 = blk[:, :, None], ok[:, :, None]
+    high = (_byte(blk3 + 2 + e // 8, ok3) >> (e % 8)) & 1
+    low = (_byte(blk3 + 6 + e % 16, ok3) >> (4 * (e // 16))) & 0xF
+    d = _f16_at(blk, ok)
+    return ((low | (high << 4)) - 16).to(tl.float32), d, d
 
 
 @triton.jit
-def _q6_k(row, k, mask):
-    # ql[128], qh[64], scales[16] int8, d: element e = 128h + 64n + l = 128h + 32t + m
-    blk = row + (k // 256) * 210
-    e = k % 256
-    h, r = e // 128, e % 128
-    low = (_byte(blk + h * 64 + r % 64, mask) >> (4 * (r // 64))) & 0xF
-    high = (_byte(blk + 128 + h * 32 + r % 32, mask) >> (2 * (r // 32))) & 3
-    sc = tl.load(blk + 192 + e // 16, mask=mask, other=0).to(tl.int8, bitcast=True).to(tl.float32)
-    d = _f16_at(blk + 208, mask)
-    return (d * sc) * ((low | (high << 4)) - 32).to(tl.float32)
+def _q4_k_groups(row, ok, ga):
+    # 144-byte blocks of 8 sub-blocks: d, dmin, scales[12], qs[128]; sub-blocks 2c, 2c+1 are the low and
+    # high nibbles of qs[32c : 32c+32]
+    blk = row + (ga // 8) * 144
+    j = ga % 8
+    j3 = j[:, :, None]
+    l = tl.arange(0, 32)[None, None, :]
+    q = (_byte(blk[:, :, None] + 16 + (j3 // 2) * 32 + l, ok[:, :, None]) >> (4 * (j3 % 2))) & 0xF
+    sc, mn = _k_scale_min(blk, j, ok)
+    return q.to(tl.float32), _f16_at(blk, ok) * sc, _f16_at(blk + 2, ok) * mn
 
 
 @triton.jit
-def _dequant_tile(row, k, mask, QTYPE: tl.constexpr):
+def _q5_k_groups(row, ok, ga):
+    # 176-byte blocks: d, dmin, scales[12], qh[32] (bit j of qh[l]: sub-block j), qs[128] as in Q4_K
+    blk = row + (ga // 8) * 176
+    j = ga % 8
+    j3, blk3, ok3 = j[:, :, None], blk[:, :, None], ok[:, :, None]
+    l = tl.arange(0, 32)[None, None, :]
+    low = (_byte(blk3 + 48 + (j3 // 2) * 32 + l, ok3) >> (4 * (j3 % 2))) & 0xF
+    high = (_byte(blk3 + 16 + l, ok3) >> j3) & 1
+    sc, mn = _k_scale_min(blk, j, ok)
+    return (low | (high << 4)).to(tl.float32), _f16_at(blk, ok) * sc, _f16_at(blk + 2, ok) * mn
+
+
+@triton.jit
+def _q6_k_groups(row, ok, ga):
+    # 210-byte blocks of 16 groups of 16: ql[128], qh[64], scales[16] int8, d. Group g's values e = 16g + l16
+    # = 128h + 32t + l sit in the nibble t // 2 of ql[64h + 32(t % 2) + l] and the bits 2t of qh[32h + l].
+    blk = row + (ga // 16) * 210
+    g = ga % 16
+    g3, blk3, ok3 = g[:, :, None], blk[:, :, None], ok[:, :, None]
+    h, t = g3 // 8, (g3 // 2) % 4
+    l = 16 * (g3 % 2) + tl.arange(0, 16)[None, None, :]
+    low = (_byte(blk3 + h * 64 + 32 * (t % 2) + l, ok3) >> (4 * (t // 2))) & 0xF
+    high = (_byte(blk3 + 128 + h * 32 + l, ok3) >> (2 * t)) & 3
+    sc = tl.load(blk + 192 + g, mask=ok, other=0).to(tl.int8, bitcast=True).to(tl.float32)
+    ds = _f16_at(blk + 208, ok) * sc
+    return ((low | (high << 4)) - 32).to(tl.float32), ds, ds
+
+
+@triton.jit
+def _groups(row, n_ok, k0, K, QTYPE: tl.constexpr, G: tl.constexpr, L: tl.constexpr):
+    """The G groups of L values starting at k0 (a multiple of L) for rows ``row`` [BN, 1]: (q, scale, offset)."""
+    ga = k0 // L + tl.arange(0, G)[None, :]  # [1, G] absolute group index in the row
+    ok = n_ok & (ga < K // L)  # [BN, G]
     if QTYPE == 0:
-        w = _q8_0(row, k, mask)
+        q, s, o = _q8_0_groups(row, ok, ga)
     elif QTYPE == 1:
-        w = _q4_k(row, k, mask)
+        q, s, o = _q4_k_groups(row, ok, ga)
     elif QTYPE == 2:
-        w = _q5_k(row, k, mask)
+        q, s, o = _q5_k_groups(row, ok, ga)
     elif QTYPE == 3:
-        w = _q6_k(row, k, mask)
+        q, s, o = _q6_k_groups(row, ok, ga)
     else:
-        w = _q5_0(row, k, mask)
+        q, s, o = _q5_0_groups(row, ok, ga)
+    return q, s, o
+
+
+# ---- tile decoders for the tensor-core paths: W[rows, k0 : k0 + BK] in natural k order, fp32 [BN, BK] ----
+#
+# Q8_0, Q5_0 and Q6_K blocks are 2-byte aligned only (34, 22, 210 bytes), so their quants are read as uint16
+# pairs (half the loads and address math of bytes) and unpacked by shifts into trailing tl.join dims (kept
+# within a thread) whose row-major order is the natural k order.
+
+
+@triton.jit
+def _u16(ptr, offset, mask):
+    """The uint16 at byte address ``ptr`` (2-byte aligned) plus ``offset`` uint16s, as int32."""
+    return tl.load(ptr.to(tl.pointer_type(tl.uint16)) + offset, mask=mask, other=0).to(tl.int32)
+
+
+@triton.jit
+def _q8_0_tile(row, n_ok, k0, K, G: tl.constexpr):
+    ga = k0 // 32 + tl.arange(0, G)[None, :]  # [1, G] blocks
+    ok = n_ok & (ga < K // 32)  # [BN, G]
+    blk = row + ga * 34
+    h = _u16(blk[:, :, None] + 2, tl.arange(0, 16)[None, None, :], ok[:, :, None])  # [BN, G, 16]: quants 2i, 2i+1
+    q = tl.join((h << 24) >> 24, (h << 16) >> 24)  # [BN, G, 16, 2] sign-extended int8
+    w = _f16_at(blk, ok)[:, :, None, None] * q.to(tl.float32)
+    return tl.reshape(w, (w.shape[0], G * 32))
+
+
+@triton.jit
+def _q5_0_tile(row, n_ok, k0, K, G: tl.constexpr):
+    ga = k0 // 32 + tl.arange(0, G)[None, :]
+    ok = n_ok & (ga < K // 32)
+    blk = row + ga * 22
+    i = tl.arange(0, 8)[None, None, :]
+    h = _u16(blk[:, :, None] + 6, i, ok[:, :, None])  # [BN, G, 8]: qs[2i], qs[2i+1]
+    qh = (_u16(blk, 1, ok) | (_u16(blk, 2, ok) << 16))[:, :, None]  # [BN, G, 1]: bit e is element e's 5th bit
+    # element e = 16·half + 2i + p is nibble `half` of qs[2i + p]
+    v00 = (h & 0xF) | (((qh >> (2 * i)) & 1) << 4)
+    v01 = ((h >> 8) & 0xF) | (((qh >> (2 * i + 1)) & 1) << 4)
+    v10 = ((h >> 4) & 0xF) | (((qh >> (2 * i + 16)) & 1) << 4)
+    v11 = ((h >> 12) & 0xF) | (((qh >> (2 * i + 17)) & 1) << 4)
+    q = tl.permute(tl.join(tl.join(v00, v01), tl.join(v10, v11)), (0, 1, 4, 2, 3))  # [BN, G, half, i, p]
+    d = _f16_at(blk, ok)[:, :, None, None, None]
+    w = d * q.to(tl.float32) - 16.0 * d
+    return tl.reshape(w, (w.shape[0], G * 32))
+
+
+@triton.jit
+def _q6_k_tile(row, n_ok, k0, K, HT: tl.constexpr):
+    # HT runs of 32 values; run r = 4h + t of a block holds e = 128h + 32t + l, l = 16·ih + 2·il + p
+    ra = k0 // 32 + tl.arange(0, HT)[None, :]  # [1, HT] absolute run index
+    ok = n_ok & (ra < K // 32)  # [BN, HT]
+    blk = row + (ra // 8) * 210
+    r = ra % 8
+    h, t = r // 4, r % 4  # [1, HT]
+    i = 8 * tl.arange(0, 2)[None, None, :, None] + tl.arange(0, 8)[None, None, None, :]  # [1, 1, 2, 8]: l // 2
+    ok4 = ok[:, :, None, None]
+    low_w = _u16(blk[:, :, None, None] + (64 * h + 32 * (t % 2))[:, :, None, None], i, ok4)  # ql[l], ql[l + 1]
+    high_w = _u16(blk[:, :, None, None] + (128 + 32 * h)[:, :, None, None], i, ok4)  # qh[l], qh[l + 1]
+    t4 = t[:, :, None, None]
+    low_w = low_w >> (4 * (t4 // 2))
+    high_w = high_w >> (2 * t4)
+    q = tl.join((low_w & 0xF) | ((high_w & 3) << 4), ((low_w >> 8) & 0xF) | (((high_w >> 8) & 3) << 4))
+    ih = tl.arange(0, 2)[None, None, :]
+    sc = tl.load(blk[:, :, None] + 192 + (8 * h + 2 * t)[:, :, None] + ih, mask=ok[:, :, None], other=0)
+    ds = _f16_at(blk + 208, ok)[:, :, None] * sc.to(tl.int8, bitcast=True).to(tl.float32)  # [BN, HT, 2]
+    ds = ds[:, :, :, None, None]
+    w = ds * q.to(tl.float32) - 32.0 * ds  # [BN, HT, 2, 8, 2]
+    return tl.reshape(w, (w.shape[0], HT * 32))
+
+
+@triton.jit
+def _k_halves(row, n_ok, k0, K, QTYPE: tl.constexpr, C: tl.constexpr):
+    """Q4_K/Q5_K: the C 64-value chunks from k0 (a multiple of 64) as two fp32 [BN, C·32] tiles, sub-blocks 2c
+    (low nibbles) and 2c + 1 (high nibbles) of each chunk's 32 quant bytes, so every byte is loaded once;
+    tile element (c, l) holds W[:, k0 + 64c + l] and W[:, k0 + 64c + 32 + l]."""
+    ca = k0 // 64 + tl.arange(0, C)[None, :]  # [1, C] absolute chunk index
+    ok = n_ok & (ca < K // 64)  # [BN, C]
+    jc = ca % 4
+    l = tl.arange(0, 32)[None, None, :]
+    if QTYPE == 1:
+        blk = row + (ca // 4) * 144
+        b = _byte(blk[:, :, None] + 16 + jc[:, :, None] * 32 + l, ok[:, :, None])  # [BN, C, 32]
+        lo, hi = b & 0xF, b >> 4
+    else:
+        blk = row + (ca // 4) * 176
+        b = _byte(blk[:, :, None] + 48 + jc[:, :, None] * 32 + l, ok[:, :, None])
+        qh = _byte(blk[:, :, None] + 16 + l, ok[:, :, None]) >> (2 * jc[:, :, None])
+        lo, hi = (b & 0xF) | ((qh & 1) << 4), (b >> 4) | ((qh & 2) << 3)
+    d, dmin = _f16_at(blk, ok), _f16_at(blk + 2, ok)
+    sc_lo, mn_lo = _k_scale_min(blk, 2 * jc, ok)
+    sc_hi, mn_hi = _k_scale_min(blk, 2 * jc + 1, ok)
+    w_lo = (d * sc_lo)[:, :, None] * lo.to(tl.float32) - (dmin * mn_lo)[:, :, None]
+    w_hi = (d * sc_hi)[:, :, None] * hi.to(tl.float32) - (dmin * mn_hi)[:, :, None]
+    return tl.reshape(w_lo, (w_lo.shape[0], C * 32)), tl.reshape(w_hi, (w_hi.shape[0], C * 32))
+
+
+@triton.jit
+def _dot_acc(w, x, acc, IEEE: tl.constexpr):
+    """acc + w [BN, BK] @ x.T (x [BM, BK]): on the tensor cores in x's dtype; in fp32 in the interpreter
+    (the weights rounded to x's dtype all the same)."""
+    if IEEE:
+        return tl.dot(w.to(x.dtype).to(tl.float32), tl.trans(x.to(tl.float32)), acc, input_precision="ieee")
+    return tl.dot(w.to(x.dtype), tl.trans(x), acc)
+
+
+@triton.jit
+def _dot_acc_x(x, w, acc, IEEE: tl.constexpr):
+    """acc + x [BM, BK] @ w.T (w [BN, BK] fp32), as :func:`_dot_acc`; IEEE keeps fp32 x exact."""
+    if IEEE:
+        return tl.dot(x.to(tl.float32), tl.trans(w.to(x.dtype).to(tl.float32)), acc, input_precision="ieee")
+    return tl.dot(x, tl.trans(w.to(x.dtype)), acc)
+
+
+@triton.jit
+def _w_tile(row, n_ok, k0, K, QTYPE: tl.constexpr, BK: tl.constexpr):
+    """W[rows, k0 : k0 + BK] dequantized, fp32 [BN, BK] (zeros past K), for Q8_0, Q6_K and Q5_0 (Q4_K and Q5_K
+    go through :func:`_k_halves`)."""
+    if QTYPE == 0:
+        w = _q8_0_tile(row, n_ok, k0, K, BK // 32)
+    elif QTYPE == 3:
+        w = _q6_k_tile(row, n_ok, k0, K, BK // 32)
+    else:
+        w = _q5_0_tile(row, n_ok, k0, K, BK // 32)
     return w
 
 
@@ -147,188 +293,163 @@ def _dequant_tile(row, k, mask, QTYPE: tl.constexpr):
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_os, stride_om,
-                 K_PER_SPLIT, QTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr):
-    """out[split, m, n] = Σ_{k in this split} x[m, k] · W[n, k], for all M (<= BLOCK_M) rows at once."""
-    pid_n, split = tl.program_id(0), tl.program_id(1)
-    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
-    m = tl.arange(0, BLOCK_M)  # [BM]
-    row = w_ptr + n[:, None].to(tl.int64) * stride_wn  # [BN, 1]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    k_begin = split * K_PER_SPLIT
-    for k0 in range(k_begin, k_begin + K_PER_SPLIT, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)  # [BK]
-        w = _dequant_tile(row, k[None, :], (n[:, None] < N) & (k[None, :] < K), QTYPE)  # [BN, BK]
-        x = tl.load(x_ptr + m[:, None] * stride_xm + k[None, :], mask=(m[:, None] < M) & (k[None, :] < K),
-                    other=0.0).to(tl.float32)  # [BM, BK]
-        acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
-    out = out_ptr + split * stride_os + m[:, None] * stride_om + n[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(m[:, None] < M) & (n[None, :] < N))
-
-
-# ---- blocked GEMV: one 256-value step per loop, scales decoded once per (row, group), quants as whole bytes ----
-#
-# Each helper returns the step's [BM, BN] contribution Σ_k x[m, k] · W[n, k] over k0 .. k0 + 255, factored as
-# Σ_group scale · (Σ q·x) (- min · Σ x): the per-element work is a byte load, a shift and an FMA.
-
-
-@triton.jit
-def _x_groups(x_ptr, stride_xm, m, M, k0, K, G: tl.constexpr, L: tl.constexpr, GS: tl.constexpr):
-    """x[m, k0 + GS·g + l] as fp32 [BM, G, L]."""
-    k = k0 + tl.arange(0, G)[None, :, None] * GS + tl.arange(0, L)[None, None, :]
-    mm = m[:, None, None]
-    return tl.load(x_ptr + mm * stride_xm + k, mask=(mm < M) & (k < K), other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _group_dots(x, q):
-    """x [BM, G, L], q [BN, G, L] -> [BM, BN, G]: Σ_l x·q per row and group."""
-    return tl.sum(x[:, None, :, :] * q[None, :, :, :], axis=3)
-
-
-@triton.jit
-def _q4_k_step(row, n_ok, k0, x_ptr, stride_xm, m, M, K):
-    blk = row + (k0 // 256) * 144  # [BN, 1]: one super-block
-    c = tl.arange(0, 4)[None, :]  # qs[32c : 32c + 32] holds sub-blocks 2c (low nibbles) and 2c + 1 (high)
-    q = _byte(blk[:, :, None] + 16 + c[:, :, None] * 32 + tl.arange(0, 32)[None, None, :], n_ok[:, :, None])
-    x_lo = _x_groups(x_ptr, stride_xm, m, M, k0, K, 4, 32, 64)  # [BM, 4, 32]: sub-blocks 2c
-    x_hi = _x_groups(x_ptr, stride_xm, m, M, k0 + 32, K, 4, 32, 64)  # sub-blocks 2c + 1
-    dot_lo = _group_dots(x_lo, (q & 0xF).to(tl.float32))  # [BM, BN, 4]
-    dot_hi = _group_dots(x_hi, (q >> 4).to(tl.float32))
-    d = _f16_at(blk, n_ok)  # [BN, 1]
-    dmin = _f16_at(blk + 2, n_ok)
-    sc_lo, mn_lo = _k_scale_min(blk, 2 * c, n_ok)  # [BN, 4]
-    sc_hi, mn_hi = _k_scale_min(blk, 2 * c + 1, n_ok)
-    xs_lo = tl.sum(x_lo, axis=2)[:, None, :]  # [BM, 1, 4]
-    xs_hi = tl.sum(x_hi, axis=2)[:, None, :]
-    t = ((d * sc_lo)[None] * dot_lo + (d * sc_hi)[None] * dot_hi
-         - (dmin * mn_lo)[None] * xs_lo - (dmin * mn_hi)[None] * xs_hi)
-    return tl.sum(t, axis=2)
-
-
-@triton.jit
-def _q6_k_step(row, n_ok, k0, x_ptr, stride_xm, m, M, K):
-    blk = row + (k0 // 256) * 210  # [BN, 1]
-    g = tl.arange(0, 16)[None, :, None]  # 16 groups of 16 values, one int8 scale each: e = 16g + l16
-    h, t = g // 8, (g // 2) % 4  # e = 128h + 32t + l
-    l = 16 * (g % 2) + tl.arange(0, 16)[None, None, :]
-    blk3, ok3 = blk[:, :, None], n_ok[:, :, None]
-    low = (_byte(blk3 + h * 64 + 32 * (t % 2) + l, ok3) >> (4 * (t // 2))) & 0xF
-    high = (_byte(blk3 + 128 + h * 32 + l, ok3) >> (2 * t)) & 3
-    q = ((low | (high << 4)) - 32).to(tl.float32)  # [BN, 16, 16]
-    dots = _group_dots(_x_groups(x_ptr, stride_xm, m, M, k0, K, 16, 16, 16), q)  # [BM, BN, 16]
-    sc = tl.load(blk + 192 + tl.arange(0, 16)[None, :], mask=n_ok, other=0).to(tl.int8, bitcast=True)
-    ds = _f16_at(blk + 208, n_ok) * sc.to(tl.float32)  # [BN, 16]
-    return tl.sum(ds[None] * dots, axis=2)
-
-
-@triton.jit
-def _q5_0_step(row, n_ok, k0, x_ptr, stride_xm, m, M, K):
-    b = tl.arange(0, 8)[None, :]  # 8 blocks of 32 values
-    ok = n_ok & ((k0 + b * 32) < K)  # [BN, 8]
-    blk = row + (k0 // 32 + b) * 22  # [BN, 8]
-    e = tl.arange(0, 32)[None, None, :]
-    blk3, ok3 = blk[:, :, None], ok[:, :, None]
-    high = (_byte(blk3 + 2 + e // 8, ok3) >> (e % 8)) & 1
-    low = (_byte(blk3 + 6 + e % 16, ok3) >> (4 * (e // 16))) & 0xF
-    q = ((low | (high << 4)) - 16).to(tl.float32)  # [BN, 8, 32]
-    dots = _group_dots(_x_groups(x_ptr, stride_xm, m, M, k0, K, 8, 32, 32), q)  # [BM, BN, 8]
-    return tl.sum(_f16_at(blk, ok)[None] * dots, axis=2)
-
-
-@triton.jit
-def _q8_0_step(row, n_ok, k0, x_ptr, stride_xm, m, M, K):
-    b = tl.arange(0, 8)[None, :]
-    ok = n_ok & ((k0 + b * 32) < K)
-    blk = row + (k0 // 32 + b) * 34  # [BN, 8]
-    q = tl.load(blk[:, :, None] + 2 + tl.arange(0, 32)[None, None, :], mask=ok[:, :, None], other=0)
-    q = q.to(tl.int8, bitcast=True).to(tl.float32)  # [BN, 8, 32]
-    dots = _group_dots(_x_groups(x_ptr, stride_xm, m, M, k0, K, 8, 32, 32), q)
-    return tl.sum(_f16_at(blk, ok)[None] * dots, axis=2)
-
-
-@triton.jit
-def _blocked_gemv_kernel(x_ptr, w_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_os, stride_om,
-                         K_PER_SPLIT, QTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """out[split, m, n] = Σ_{k in this split} x[m, k] · W[n, k], 256 values of k per step (K_PER_SPLIT a multiple)."""
+def _gemv_kernel(x_ptr, w_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_os, stride_om, K_PER_SPLIT,
+                 QTYPE: tl.constexpr, G: tl.constexpr, L: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, DOT: tl.constexpr, IEEE: tl.constexpr):
+    """out[split, m, n] = Σ_{k in this split} x[m, k] · W[n, k] for all M (<= BLOCK_M) rows, G·L values a step."""
     pid_n, split = tl.program_id(0), tl.program_id(1)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     m = tl.arange(0, BLOCK_M)  # [BM]
     row = w_ptr + n[:, None].to(tl.int64) * stride_wn  # [BN, 1]
     n_ok = n[:, None] < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_begin = split * K_PER_SPLIT
-    for k0 in range(k_begin, tl.minimum(k_begin + K_PER_SPLIT, K), 256):
-        if QTYPE == 0:
-            acc += _q8_0_step(row, n_ok, k0, x_ptr, stride_xm, m, M, K)
-        elif QTYPE == 1:
-            acc += _q4_k_step(row, n_ok, k0, x_ptr, stride_xm, m, M, K)
-        elif QTYPE == 3:
-            acc += _q6_k_step(row, n_ok, k0, x_ptr, stride_xm, m, M, K)
-        else:
-            acc += _q5_0_step(row, n_ok, k0, x_ptr, stride_xm, m, M, K)
-    out = out_ptr + split * stride_os + m[:, None] * stride_om + n[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(m[:, None] < M) & (n[None, :] < N))
+    k_end = tl.minimum(k_begin + K_PER_SPLIT, K)
+    if DOT:
+        acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # out.T: W tile [BN, BK] @ x.T [BK, BM]
+        x_rows = x_ptr + m[:, None] * stride_xm  # [BM, 1]
+        for k0 in range(k_begin, k_end, G * L):
+            if QTYPE == 1 or QTYPE == 2:
+                w_lo, w_hi = _k_halves(row, n_ok, k0, K, QTYPE, G * L // 64)
+                k = k0 + 64 * (tl.arange(0, G * L // 2) // 32) + tl.arange(0, G * L // 2) % 32  # [BK / 2]
+                x_mask = (m[:, None] < M) & (k[None, :] < K)
+                acc_t = _dot_acc(w_lo, tl.load(x_rows + k[None, :], mask=x_mask, other=0.0), acc_t, IEEE)
+                acc_t = _dot_acc(w_hi, tl.load(x_rows + 32 + k[None, :], mask=x_mask, other=0.0), acc_t, IEEE)
+            else:
+                w = _w_tile(row, n_ok, k0, K, QTYPE, G * L)
+                k = k0 + tl.arange(0, G * L)
+                x = tl.load(x_rows + k[None, :], mask=(m[:, None] < M) & (k[None, :] < K), other=0.0)  # [BM, BK]
+                acc_t = _dot_acc(w, x, acc_t, IEEE)
+        out = out_ptr + split * stride_os + m[None, :] * stride_om + n[:, None]
+        tl.store(out, acc_t.to(out_ptr.dtype.element_ty), mask=(m[None, :] < M) & (n[:, None] < N))
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(k_begin, k_end, G * L):
+            q, s, o = _groups(row, n_ok, k0, K, QTYPE, G, L)  # [BN, G, L], [BN, G], [BN, G]
+            k = k0 + tl.arange(0, G)[None, :, None] * L + tl.arange(0, L)[None, None, :]
+            mm = m[:, None, None]
+            x = tl.load(x_ptr + mm * stride_xm + k, mask=(mm < M) & (k < K), other=0.0).to(tl.float32)  # [BM, G, L]
+            t = s[None] * tl.sum(x[:, None, :, :] * q[None, :, :, :], axis=3)  # [BM, BN, G]: scale · Σ_l q·x
+            if QTYPE == 1 or QTYPE == 2:
+                t -= o[None] * tl.sum(x, axis=2)[:, None, :]
+            acc += tl.sum(t, axis=2)
+        out = out_ptr + split * stride_os + m[:, None] * stride_om + n[None, :]
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(m[:, None] < M) & (n[None, :] < N))
+
+
+@triton.jit
+def _sum_splits_kernel(partial_ptr, out_ptr, SPLITS, MN, BLOCK: tl.constexpr):
+    """out[i] = Σ_s partial[s, i], s in order (partial fp32 [SPLITS, MN])."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = i < MN
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(SPLITS):
+        acc += tl.load(partial_ptr + s * MN + i, mask=ok, other=0.0)
+    tl.store(out_ptr + i, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
 def _gemm_kernel(x_ptr, w_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om, QTYPE: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
-    """out[m, n] = x[m, :] · W[n, :] over one BLOCK_M x BLOCK_N tile."""
+                 G: tl.constexpr, L: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 IEEE: tl.constexpr):
+    """out[m, n] = x[m, :] · W[n, :] over one BLOCK_M x BLOCK_N tile, G·L values of K a step."""
+    # Consecutive programs share one W tile (pid_m fastest): its bytes come from L2 after the first decode.
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row = w_ptr + n[:, None].to(tl.int64) * stride_wn  # [BN, 1]
+    n_ok = n[:, None] < N
+    x_row = x_ptr + m[:, None].to(tl.int64) * stride_xm  # [BM, 1]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + m[:, None].to(tl.int64) * stride_xm + k[None, :],
-                    mask=(m[:, None] < M) & (k[None, :] < K), other=0.0)  # [BM, BK]
-        w = _dequant_tile(row, k[None, :], (n[:, None] < N) & (k[None, :] < K), QTYPE)  # [BN, BK] fp32
-        if IEEE:  # fp32 products, no TF32
-            acc = tl.dot(x.to(tl.float32), tl.trans(w), acc, input_precision="ieee")
+    for k0 in range(0, K, G * L):
+        if QTYPE == 1 or QTYPE == 2:
+            w_lo, w_hi = _k_halves(row, n_ok, k0, K, QTYPE, G * L // 64)  # [BN, BK / 2] each
+            k = k0 + 64 * (tl.arange(0, G * L // 2) // 32) + tl.arange(0, G * L // 2) % 32
+            x_mask = (m[:, None] < M) & (k[None, :] < K)
+            acc = _dot_acc_x(tl.load(x_row + k[None, :], mask=x_mask, other=0.0), w_lo, acc, IEEE)
+            acc = _dot_acc_x(tl.load(x_row + 32 + k[None, :], mask=x_mask, other=0.0), w_hi, acc, IEEE)
         else:
-            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
+            k = k0 + tl.arange(0, G * L)
+            x = tl.load(x_row + k[None, :], mask=(m[:, None] < M) & (k[None, :] < K), other=0.0)  # [BM, BK]
+            acc = _dot_acc_x(x, _w_tile(row, n_ok, k0, K, QTYPE, G * L), acc, IEEE)
     out = out_ptr + m[:, None].to(tl.int64) * stride_om + n[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(m[:, None] < M) & (n[None, :] < N))
 
 
-# ---- launcher ----
+# ---- launch configs ----
+
+
+def _check_block_k(block_k: int) -> None:
+    if block_k < 64 or block_k & (block_k - 1):
+        raise ValueError(f"block_k={block_k}: need a power of 2 >= 64 (whole 64-value Q4_K/Q5_K byte runs)")
 
 
 @dataclasses.dataclass(frozen=True)
 class GemvConfig:
     """Tiles of a GEMV launch: one program covers ``block_n`` outputs and ``block_k`` inputs per loop step.
 
-    ``blocked`` picks ``_blocked_gemv_kernel`` (types in ``BLOCKED_QTYPES``; its step is fixed at 256 inputs)
-    over the per-element ``_gemv_kernel``.
+    ``dot`` multiplies on the tensor cores in x's dtype (fp16/bf16 x only; the weights are rounded to it);
+    otherwise fp32 FMAs on the CUDA cores. ``programs_per_sm`` sets how far K is split when N gives too few
+    programs (``split_k`` of :func:`dequant_matmul` overrides it).
     """
 
     block_n: int = 16
     block_k: int = 256
     num_warps: int = 4
-    blocked: bool = True
+    dot: bool = False
+    num_stages: int = 1
+    programs_per_sm: int = 4
 
     def __post_init__(self) -> None:
-        if self.blocked and self.block_k != 256:
-            raise ValueError(f"block_k={self.block_k}: the blocked kernel steps 256 inputs at a time")
-        if self.block_k % 32 or self.block_n < 1 or self.block_n & (self.block_n - 1):
-            raise ValueError(f"block_n={self.block_n}, block_k={self.block_k}: need a power-of-2 block_n and "
-                             f"block_k a multiple of 32")
+        _check_block_k(self.block_k)
+        if self.block_n < 1 or self.block_n & (self.block_n - 1):
+            raise ValueError(f"block_n={self.block_n}: need a power of 2")
+        if self.dot and self.block_n < 16:
+            raise ValueError(f"block_n={self.block_n}: the tensor-core GEMV needs block_n >= 16")
+        if self.programs_per_sm < 1 or self.num_stages < 1 or self.num_warps < 1:
+            raise ValueError(f"programs_per_sm={self.programs_per_sm}, num_stages={self.num_stages}, "
+                             f"num_warps={self.num_warps}: need >= 1")
 
 
-BLOCKED_QTYPES: tuple[GGMLQuantizationType, ...] = (Q.Q8_0, Q.Q4_K, Q.Q6_K, Q.Q5_0)
+@dataclasses.dataclass(frozen=True)
+class GemmConfig:
+    """Tiles of a GEMM launch: ``block_m`` x ``block_n`` outputs a program, ``block_k`` inputs a step."""
+
+    block_m: int = 64
+    block_n: int = 64
+    block_k: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self) -> None:
+        _check_block_k(self.block_k)
+        for name in ("block_m", "block_n"):
+            v = getattr(self, name)
+            if v < 16 or v & (v - 1):
+                raise ValueError(f"{name}={v}: need a power of 2 >= 16 (tl.dot)")
 
 
-def gemv_config(qtype: GGMLQuantizationType, M: int, N: int, K: int) -> GemvConfig:
-    """The GEMV tiles for one call's shape, the best of ``scripts/gemv_sweep.py`` on an H100 over R1's shapes
-    (batch 1: 200-500 GB/s of weight bytes where the per-element kernel read 40-80)."""
-    if qtype not in BLOCKED_QTYPES:
-        return GemvConfig(8, 256, 4, blocked=False)
-    if qtype == Q.Q5_0:  # eight 22-byte blocks a step: more rows per program cost registers, not bandwidth
-        return GemvConfig(4, 256, 4)
-    return GemvConfig(16 if M <= 4 else 8, 256, 4)
+def gemv_config(qtype: GGMLQuantizationType, M: int, N: int, K: int, x_dtype: torch.dtype) -> GemvConfig:
+    """The GEMV tiles for one call's shape: the best of ``scripts/gemv_sweep.py`` on an H100 over R1's shapes
+    (bf16 x, M = 1..8: 580-730 GB/s of weight bytes on the large shapes, 320-360 on kv_a/q_a)."""
+    if x_dtype != torch.float32:  # bound by decode instructions per weight: tensor cores at any M
+        if N <= 1024:  # kv_a (576 rows): narrower tiles, more of them
+            return GemvConfig(32, 128, 4, dot=True)
+        return GemvConfig(64, 128, 4, dot=True, programs_per_sm=8 if N >= 4096 else 4)
+    # fp32 FMA path: the [M, block_n, block_k] products must fit the registers
+    return GemvConfig(16 if M <= 2 else 8, 256 if M <= 4 else 128, 4)
+
+
+def gemm_config(qtype: GGMLQuantizationType, M: int, N: int, K: int) -> GemmConfig:
+    """The GEMM tiles for one call's shape: the best of ``scripts/gemm_sweep.py`` on an H100 over R1's routed
+    expert shapes (Q4_K 2048x7168, Q6_K 7168x2048)."""
+    if M >= 256:
+        return GemmConfig(128, 64, 128, 4, 3)
+    if M >= 64:
+        return GemmConfig(64, 64, 128, 4, 3)
+    return GemmConfig(16, 64, 128, 4, 3)
+
+
+# ---- launcher ----
 
 
 def _check(x: torch.Tensor, w_raw: torch.Tensor, qtype: GGMLQuantizationType, in_features: int) -> None:
@@ -346,12 +467,43 @@ def _check(x: torch.Tensor, w_raw: torch.Tensor, qtype: GGMLQuantizationType, in
         raise ValueError(f"x is on {x.device} but w_raw on {w_raw.device}")
 
 
+def _interpreted(x: torch.Tensor) -> bool:
+    """Triton's CPU interpreter gets bf16/fp16 tl.dot wrong (triton 3.9): the kernels compute in fp32 there."""
+    return x.device.type == "cpu"
+
+
+def _gemv(x: torch.Tensor, w_raw: torch.Tensor, qtype: GGMLQuantizationType, out: torch.Tensor,
+          split_k: int | None, cfg: GemvConfig) -> None:
+    M, K, N = x.shape[0], x.shape[1], w_raw.shape[0]
+    if cfg.dot and x.dtype == torch.float32:
+        raise ValueError("GemvConfig(dot=True) needs fp16 or bf16 x (fp32 x keeps fp32 products)")
+    L = _GROUP[qtype]
+    n_tiles, k_tiles = triton.cdiv(N, cfg.block_n), triton.cdiv(K, cfg.block_k)
+    if split_k is None:
+        wanted = num_programs_wanted(x.device, cfg.programs_per_sm)
+        split_k = triton.cdiv(wanted, n_tiles)
+    split_k = max(1, min(split_k, k_tiles))
+    k_per_split = triton.cdiv(k_tiles, split_k) * cfg.block_k
+    split_k = triton.cdiv(K, k_per_split)  # no empty splits
+    partial = out if split_k == 1 else torch.empty(split_k, M, N, dtype=torch.float32, device=x.device)
+    block_m = max(16, triton.next_power_of_2(M)) if cfg.dot else triton.next_power_of_2(M)
+    _gemv_kernel[(n_tiles, split_k)](
+        x, w_raw, partial, M, N, K, x.stride(0), w_raw.stride(0), M * N, N, k_per_split,
+        QTYPE=_QTYPE_ID[qtype], G=cfg.block_k // L, L=L, BLOCK_M=block_m, BLOCK_N=cfg.block_n, DOT=cfg.dot,
+        IEEE=_interpreted(x), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if split_k > 1:
+        _sum_splits_kernel[(triton.cdiv(M * N, 1024),)](partial, out, split_k, M * N, BLOCK=1024)
+
+
 def dequant_matmul(x: torch.Tensor, w_raw: torch.Tensor, qtype: GGMLQuantizationType, in_features: int,
-                   *, split_k: int | None = None, gemv: GemvConfig | None = None) -> torch.Tensor:
+                   *, split_k: int | None = None, gemv: GemvConfig | None = None,
+                   gemm: GemmConfig | None = None) -> torch.Tensor:
     """x [M, K] fp32|fp16|bf16 @ W.T, W given as GGUF bytes ``w_raw`` uint8 [N, bytes_per_row] -> [M, N] in x's dtype.
 
-    ``split_k`` (GEMV path only) splits K over that many programs per N tile; by default enough to fill the GPU.
-    ``gemv`` overrides the GEMV path's tile sizes (default: :func:`gemv_config`).
+    M <= ``GEMV_MAX_M`` takes the GEMV kernel: ``split_k`` splits K over that many programs per N tile (by
+    default enough to fill the GPU) and ``gemv`` overrides its tiles (default :func:`gemv_config`). Larger M
+    takes the GEMM kernel, whose tiles ``gemm`` overrides (default :func:`gemm_config`).
     """
     qtype = GGMLQuantizationType(qtype)
     _check(x, w_raw, qtype, in_features)
@@ -360,38 +512,15 @@ def dequant_matmul(x: torch.Tensor, w_raw: torch.Tensor, qtype: GGMLQuantization
     if M == 0 or N == 0:
         return out
     if M <= GEMV_MAX_M:
-        cfg = gemv or gemv_config(qtype, M, N, K)
-        if cfg.blocked and qtype not in BLOCKED_QTYPES:
-            raise ValueError(f"{qtype.name} has no blocked GEMV; allowed: {', '.join(q.name for q in BLOCKED_QTYPES)}")
-        BLOCK_N, BLOCK_K = cfg.block_n, cfg.block_k
-        n_tiles = triton.cdiv(N, BLOCK_N)
-        k_tiles = triton.cdiv(K, BLOCK_K)
-        if split_k is None:
-            split_k = max(1, min(k_tiles, num_programs_wanted(x.device) // n_tiles))
-        split_k = max(1, min(split_k, k_tiles))
-        k_per_split = triton.cdiv(k_tiles, split_k) * BLOCK_K
-        split_k = triton.cdiv(K, k_per_split)  # no empty splits
-        partial = out if split_k == 1 else torch.empty(split_k, M, N, dtype=torch.float32, device=x.device)
-        args = (x, w_raw, partial, M, N, K, x.stride(0), w_raw.stride(0), M * N, N, k_per_split)
-        if cfg.blocked:
-            _blocked_gemv_kernel[(n_tiles, split_k)](
-                *args, QTYPE=_QTYPE_ID[qtype], BLOCK_M=triton.next_power_of_2(M), BLOCK_N=BLOCK_N,
-                num_warps=cfg.num_warps,
-            )
-        else:
-            _gemv_kernel[(n_tiles, split_k)](
-                *args, QTYPE=_QTYPE_ID[qtype], BLOCK_M=triton.next_power_of_2(M), BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-                num_warps=cfg.num_warps,
-            )
-        if split_k > 1:
-            out.copy_(partial.sum(0))
+        _gemv(x, w_raw, qtype, out, split_k, gemv or gemv_config(qtype, M, N, K, x.dtype))
         return out
-    BLOCK_M, BLOCK_N, BLOCK_K = (64, 64, 64) if M >= 64 else (16, 64, 64)
-    grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N))
+    cfg = gemm or gemm_config(qtype, M, N, K)
+    L = _GROUP[qtype]
+    grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(N, cfg.block_n))
     _gemm_kernel[grid](
         x, w_raw, out, M, N, K, x.stride(0), w_raw.stride(0), out.stride(0), QTYPE=_QTYPE_ID[qtype],
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-        # Triton's CPU interpreter gets bf16 tl.dot wrong (triton 3.9): it computes in fp32 there.
-        IEEE=x.dtype == torch.float32 or x.device.type == "cpu",
+        G=cfg.block_k // L, L=L, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        IEEE=x.dtype == torch.float32 or _interpreted(x),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out

@@ -8,9 +8,9 @@ import torch
 from gguf.constants import GGMLQuantizationType as Q
 
 from ksdk.kernels.dequant_matmul import (
-    BLOCKED_QTYPES,
     GEMV_MAX_M,
     KERNEL_QTYPES,
+    GemmConfig,
     GemvConfig,
     dequant_matmul,
     dequant_matmul_reference,
@@ -63,7 +63,7 @@ def test_random_blocks_fp32(qtype: Q, shape: tuple[int, int, int], device: torch
 
 @pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q6_K, Q.Q8_0], ids=lambda q: q.name)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("M", [2, GEMV_MAX_M + 1])
+@pytest.mark.parametrize("M", [1, 2, GEMV_MAX_M + 1])
 def test_quantized_weights_half_activations(qtype: Q, dtype: torch.dtype, M: int, device: torch.device) -> None:
     N, K = 40, 256
     w = quantized_rows(qtype, N, K).to(device)
@@ -82,30 +82,48 @@ def test_split_k_equals_one_split(device: torch.device) -> None:
     _close(whole, dequant_matmul_reference(x, w, Q.Q4_K, K), torch.float32)
 
 
-@pytest.mark.parametrize("qtype", BLOCKED_QTYPES, ids=lambda q: q.name)
-@pytest.mark.parametrize("block_n", [4, 32])
-def test_blocked_gemv_matches_the_per_element_kernel(qtype: Q, block_n: int, device: torch.device) -> None:
-    # K = 800 leaves a partial 256-value step for the 32-value block types; 3 splits cut K off step bounds.
+# K = 800 leaves a partial step for the 32-value block types and 3 splits cut K off step bounds; N = 37 a
+# partial N tile. Every tile shape must compute the same function.
+GEMV_CONFIGS = [GemvConfig(4, 64, 4), GemvConfig(32, 256, 4), GemvConfig(16, 128, 4, dot=True),
+                GemvConfig(32, 64, 4, dot=True)]
+
+
+@pytest.mark.parametrize("qtype", KERNEL_QTYPES, ids=lambda q: q.name)
+@pytest.mark.parametrize("cfg", GEMV_CONFIGS, ids=lambda c: f"n{c.block_n}k{c.block_k}{'dot' if c.dot else ''}")
+def test_gemv_tiles_and_splits(qtype: Q, cfg: GemvConfig, device: torch.device) -> None:
     M, N = 3, 37
-    K = 512 if qtype in (Q.Q4_K, Q.Q6_K) else 800
-    w = random_rows(qtype, N, K, seed=block_n).to(device)
-    x = torch.randn(M, K, generator=torch.Generator().manual_seed(1)).to(device)
-    per_element = dequant_matmul(x, w, qtype, K, gemv=GemvConfig(16, 64, 4, blocked=False))
+    K = 512 if _BLOCK_BYTES[qtype] > 34 else 800
+    w = quantized_rows(qtype, N, K, seed=cfg.block_n).to(device)
+    dtype = torch.bfloat16 if cfg.dot else torch.float32
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(cfg.block_k)).to(device, dtype)
+    ref = dequant_matmul_reference(x, w, qtype, K)
     for split_k in (1, 3):
-        y = dequant_matmul(x, w, qtype, K, split_k=split_k, gemv=GemvConfig(block_n, 256, 4))
-        _close(y, per_element, torch.float32)  # fp32 sums in another order
-    _close(per_element, dequant_matmul_reference(x, w, qtype, K), torch.float32)
+        _close(dequant_matmul(x, w, qtype, K, split_k=split_k, gemv=cfg), ref, dtype)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q6_K, Q.Q5_0], ids=lambda q: q.name)
+@pytest.mark.parametrize("cfg", [GemmConfig(16, 16, 64, 4, 1), GemmConfig(32, 64, 256, 4, 2)],
+                         ids=lambda c: f"m{c.block_m}n{c.block_n}k{c.block_k}")
+def test_gemm_tiles(qtype: Q, cfg: GemmConfig, device: torch.device) -> None:
+    M, N, K = GEMV_MAX_M + 27, 72, 512 if qtype != Q.Q5_0 else 800  # no dimension a tile multiple
+    w = random_rows(qtype, N, K).to(device)
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(2)).to(device)
+    _close(dequant_matmul(x, w, qtype, K, gemm=cfg), dequant_matmul_reference(x, w, qtype, K), torch.float32)
 
 
 def test_gemv_config_choice_and_checks() -> None:
-    assert gemv_config(Q.Q4_K, 1, 18432, 7168).blocked
-    assert not gemv_config(Q.Q5_K, 1, 18432, 7168).blocked  # no blocked decoder: the per-element kernel
-    with pytest.raises(ValueError, match="steps 256 inputs"):
-        GemvConfig(16, 128, 4)
-    with pytest.raises(ValueError, match="power-of-2 block_n"):
+    assert gemv_config(Q.Q4_K, 4, 18432, 7168, torch.bfloat16).dot
+    assert not gemv_config(Q.Q4_K, 4, 18432, 7168, torch.float32).dot  # fp32 x keeps fp32 products
+    with pytest.raises(ValueError, match="power of 2 >= 64"):
+        GemvConfig(16, 96, 4)
+    with pytest.raises(ValueError, match="need a power of 2"):
         GemvConfig(12, 256, 4)
-    with pytest.raises(ValueError, match="Q5_K has no blocked GEMV"):
-        dequant_matmul(torch.zeros(1, 256), random_rows(Q.Q5_K, 4, 256), Q.Q5_K, 256, gemv=GemvConfig())
+    with pytest.raises(ValueError, match="block_n >= 16"):
+        GemvConfig(8, 256, 4, dot=True)
+    with pytest.raises(ValueError, match=r"power of 2 >= 16 \(tl.dot\)"):
+        GemmConfig(block_m=8)
+    with pytest.raises(ValueError, match="needs fp16 or bf16 x"):
+        dequant_matmul(torch.zeros(1, 256), random_rows(Q.Q4_K, 4, 256), Q.Q4_K, 256, gemv=GemvConfig(16, dot=True))
 
 
 def test_strided_rows_of_x(device: torch.device) -> None:
