@@ -1,12 +1,11 @@
-"""Time the decode GEMV over R1's non-expert shapes: the kernel before issue #6 (``scripts/dequant_matmul_v0.py``),
-the default config of today's and a few candidate configs. Run on the GPU machine:
+"""Time the decode GEMV over R1's non-expert shapes: the default config and a few candidate configs (the kernel
+before issue #6 is `git show 26005a0:ksdk/kernels/dequant_matmul.py`; its numbers are in README). Run on the GPU machine:
 ``python scripts/gemv_sweep.py [M,M,...]``. Prints GB/s of weight bytes per config (weights rotated over enough
 copies to leave L2, as in a decode step that reads 10 GB)."""
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -16,9 +15,7 @@ from triton.testing import do_bench
 from ksdk.bench.e2e import _random_q5_0
 from ksdk.bench.random_blocks import random_expert_tensor
 from ksdk.kernels.dequant_matmul import GemvConfig, dequant_matmul
-
-sys.path.insert(0, str(Path(__file__).parent))
-import dequant_matmul_v0 as v0  # noqa: E402
+from ksdk.weights.quants import dequantize
 
 SHAPES = [  # name, N, K, qtype (R1 at the Q4_K_M-like mix of ksdk.bench.e2e)
     ("q_a", 1536, 7168, Q.Q4_K), ("q_b", 24576, 1536, Q.Q4_K), ("kv_a", 576, 7168, Q.Q8_0),
@@ -66,34 +63,33 @@ def main() -> None:
     copy_ms = do_bench(lambda: src.clone(), warmup=10, rep=50, return_mode="median")
     print(f"device copy: {2 * src.numel() / copy_ms / 1e6:.0f} GB/s (read + write) on {torch.cuda.get_device_name()}")
     del src
-    print("columns: v0 (before) | new default | " + " ".join(label for label, _ in CANDIDATES))
+    print("columns: default | " + " ".join(label for label, _ in CANDIDATES))
     table = []
     for name, N, K, qt in SHAPES:
         w = _weights(N, K, qt)
         copies = [w] + [w.clone() for _ in range(min(31, L2_BYTES // w.numel()))]
+        dense = dequantize(w.cpu(), qt, (N, K)).cuda()  # [N, K] fp32: the reference
         for M in Ms:
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-            ref = v0.dequant_matmul(x, w, qt, K).float()  # fp32 products (checked against the torch reference)
+            ref = x.float() @ dense.T
             scale = ref.abs().max().item()
             row = {}
-            runs = [("v0", lambda wi: v0.dequant_matmul(x, wi, qt, K)),
-                    ("new", lambda wi: dequant_matmul(x, wi, qt, K))]
+            runs = [("default", lambda wi: dequant_matmul(x, wi, qt, K))]
             runs += [(label, (lambda c: lambda wi: dequant_matmul(x, wi, qt, K, gemv=c))(cfg))
                      for label, cfg in CANDIDATES if _fits(cfg, M)]
             for label, fn in runs:
                 err = (fn(w).float() - ref).abs().max().item() / scale
                 assert err < 2e-2, (name, M, label, err)
                 row[label] = w.numel() / graph_ms(fn, copies) / 1e6  # GB/s
-            best = max((v, k) for k, v in row.items() if k not in ("v0",))
+            best = max((v, k) for k, v in row.items())
             table.append((name, M, qt.name, w.numel() / 1e6, row, best))
             cols = " ".join(f"{label}={gbs:5.0f}" for label, gbs in row.items())
             print(f"{name:8} M={M} {qt.name:5} {w.numel() / 1e6:6.1f}MB GB/s: {cols} | best {best[1]}", flush=True)
-        del copies, w
+        del copies, w, dense
         torch.cuda.empty_cache()
     print("\nsummary (GB/s of weight bytes):")
     for name, M, qn, mb, row, best in table:
-        print(f"{name:8} M={M} {qn:5} {mb:6.1f}MB  before {row['v0']:5.0f}  after {row['new']:5.0f}  "
-              f"best {best[0]:5.0f} ({best[1]})")
+        print(f"{name:8} M={M} {qn:5} {mb:6.1f}MB  default {row['default']:5.0f}  best {best[0]:5.0f} ({best[1]})")
 
 
 if __name__ == "__main__":

@@ -20,11 +20,12 @@ would (``device="cuda"``: non-expert weights as GGUF blocks on the GPU, experts 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -339,9 +340,9 @@ class _Runner:
         self._step(*inputs)
         return self.clock.now() - start
 
-    def prefill_layer_ms(self, tokens: int) -> tuple[list[float], float]:
-        """Per-layer ms of one prefill step of ``tokens`` (device drained around each layer), and the step's."""
-        inputs = self._prefill_inputs(tokens)
+    @contextlib.contextmanager
+    def _timed_layers(self) -> Iterator[list[float]]:
+        """While open, the seconds of each layer's forward (device drained around it) are appended in order."""
         starts: list[float] = []
         totals: list[float] = []
         hooks = []
@@ -349,12 +350,18 @@ class _Runner:
             hooks.append(layer.register_forward_pre_hook(lambda *_: starts.append(self.clock.now())))
             hooks.append(layer.register_forward_hook(lambda *_: totals.append(self.clock.now() - starts[-1])))
         try:
-            start = self.clock.now()
-            self._step(*inputs)
-            step = self.clock.now() - start
+            yield totals
         finally:
             for h in hooks:
                 h.remove()
+
+    def prefill_layer_ms(self, tokens: int) -> tuple[list[float], float]:
+        """Per-layer ms of one prefill step of ``tokens`` (device drained around each layer), and the step's."""
+        inputs = self._prefill_inputs(tokens)
+        with self._timed_layers() as totals:
+            start = self.clock.now()
+            self._step(*inputs)
+            step = self.clock.now() - start
         return [1e3 * t for t in totals], 1e3 * step
 
     def profile(self, batch: int, rows: int = 30) -> str:
@@ -378,30 +385,22 @@ class _Runner:
     def layer_times(self, batch: int) -> tuple[list[LayerTimes], float]:
         """Per-layer times of one decode step (device drained around each layer), and the step's total."""
         inputs = self._decode_inputs(batch)
-        starts: list[float] = []
-        totals: list[float] = []
         timed: list[_TimedExperts | None] = []
-        hooks = []
         for layer in self.model.layers:
-            hooks.append(layer.register_forward_pre_hook(lambda *_: starts.append(self.clock.now())))
-            hooks.append(layer.register_forward_hook(lambda *_: totals.append(self.clock.now() - starts[-1])))
             experts = getattr(layer.ffn, "experts", None)
             timed.append(None if experts is None else _TimedExperts(experts, self.clock))
             if experts is not None:
                 layer.ffn.experts = timed[-1]
         try:
             self._step(*inputs)  # warm
-            starts.clear()
-            totals.clear()
             for t in timed:
                 if t is not None:
                     t.seconds = 0.0
-            start = self.clock.now()
-            self._step(*inputs)
-            step = self.clock.now() - start
+            with self._timed_layers() as totals:
+                start = self.clock.now()
+                self._step(*inputs)
+                step = self.clock.now() - start
         finally:
-            for h in hooks:
-                h.remove()
             for layer, t in zip(self.model.layers, timed):
                 if t is not None:
                     layer.ffn.experts = t.inner
