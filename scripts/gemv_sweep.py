@@ -20,7 +20,7 @@ from ksdk.weights.quants import dequantize
 SHAPES = [  # name, N, K, qtype (R1 at the Q4_K_M-like mix of ksdk.bench.e2e)
     ("q_a", 1536, 7168, Q.Q4_K), ("q_b", 24576, 1536, Q.Q4_K), ("kv_a", 576, 7168, Q.Q8_0),
     ("o_proj", 7168, 16384, Q.Q5_0), ("ffn_gate", 18432, 7168, Q.Q4_K), ("ffn_down", 7168, 18432, Q.Q5_0),
-    ("sh_down", 7168, 2048, Q.Q6_K), ("lm_head", 129280, 7168, Q.Q6_K),
+    ("sh_gate", 2048, 7168, Q.Q4_K), ("sh_down", 7168, 2048, Q.Q6_K), ("lm_head", 129280, 7168, Q.Q6_K),
 ]
 # Candidates besides the default: (label, config); FMA configs only where their [M, BN, BK] products fit registers.
 CANDIDATES = [
