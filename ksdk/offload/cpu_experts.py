@@ -176,6 +176,11 @@ class CPUExperts:
         return {name: ns / 1e6 for name, ns in zip(PHASES, self._runner.phase_ns, strict=True)}
 
     @property
+    def native_runner(self) -> object:
+        """The native MoeRunner itself, for callers that drive it from native code (a CUDA host call)."""
+        return self._runner
+
+    @property
     def call_buffer_bytes(self) -> int:
         """Bytes of per-call buffers held between calls (a decode-sized call's; larger ones are freed)."""
         return int(self._runner.call_buffer_bytes)

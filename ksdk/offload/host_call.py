@@ -81,7 +81,7 @@ class ExpertHostCall:
         self.ids = torch.empty(num_tokens, top_k, dtype=torch.int64, pin_memory=True)
         self.weights = torch.empty(num_tokens, top_k, dtype=torch.float32, pin_memory=True)
         self.out = torch.zeros(num_tokens, H, dtype=torch.float32, pin_memory=True)
-        self._call = native.HostCall(experts._runner, log, self.x.data_ptr(), x_dtype == torch.bfloat16,
+        self._call = native.HostCall(experts.native_runner, log, self.x.data_ptr(), x_dtype == torch.bfloat16,
                                      self.ids.data_ptr(), True, self.weights.data_ptr(), self.out.data_ptr(),
                                      num_tokens, top_k, H)
         self._fn = native.moe_host_call_address()
