@@ -49,7 +49,7 @@ def test_serve_without_a_gguf_uses_the_demo_and_says_its_text_is_random(
     monkeypatch.setattr("uvicorn.run", lambda app, **kw: served.update(app=app, **kw))
     code = ksdk.cli.main(["serve", "--port", "9123", "--api-key", "k", "--max-concurrency", "3",
                           "--kv-cache-tokens", "512", "--no-prefix-caching", "--model-name", "demo", "--quiet",
-                          "--experts", "native", "--expert-threads", "3"])
+                          "--experts", "native", "--expert-threads", "3", "--cuda-graphs", "attention"])
     assert code == 0
     err = capsys.readouterr().err
     assert "RANDOM" in err and "text is random" in err and "http://127.0.0.1:9123/v1" in err
@@ -57,7 +57,7 @@ def test_serve_without_a_gguf_uses_the_demo_and_says_its_text_is_random(
     assert fake["options"] == {"model_id": "demo", "device": "auto", "max_model_len": None, "kv_cache_tokens": 512,
                                "page_size": 16, "max_num_seqs": 64, "max_batch_tokens": 2048, "max_waiting": 256,
                                "enable_prefix_caching": False, "experts": "native", "expert_threads": 3,
-                               "expert_memory": "mmap", "gpu_stream_threshold": None}
+                               "expert_memory": "mmap", "gpu_stream_threshold": None, "cuda_graphs": "attention"}
     assert (served["host"], served["port"], served["log_level"]) == ("127.0.0.1", 9123, "warning")
     state = served["app"].state.gateway
     assert (state.api_key, state.max_concurrency, state.engine) == ("k", 3, fake["engine"])
@@ -107,6 +107,16 @@ def test_generate_on_the_tiny_model_shows_loading_progress(capsys: pytest.Captur
     captured = capsys.readouterr()
     assert f"loading {path}" in captured.err and "loaded " in captured.err
     assert captured.out.endswith("\n") and len(captured.out) > 1
+
+
+def test_engine_from_gguf_sets_the_cuda_graph_mode_or_names_the_allowed_ones() -> None:
+    from ksdk.engine import Engine
+    from ksdk.errors import InvalidRequestError
+
+    engine = Engine.from_gguf(tiny_gguf(), device="cpu", cuda_graphs="off")
+    assert engine._model.cuda_graphs == "off"  # type: ignore[attr-defined]
+    with pytest.raises(InvalidRequestError, match="step, attention, off"):
+        Engine.from_gguf(tiny_gguf(), device="cpu", cuda_graphs="always")
 
 
 def test_errors_are_reported_with_exit_code_2(fake: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:

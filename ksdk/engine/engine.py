@@ -83,11 +83,13 @@ class Engine:
                   max_num_seqs: int = 64, max_batch_tokens: int = 2048, max_waiting: int = 256,
                   enable_prefix_caching: bool = True, experts: str = "auto",
                   expert_threads: int | None = None, expert_memory: str = "mmap",
-                  gpu_stream_threshold: int | None = None) -> Engine:
+                  gpu_stream_threshold: int | None = None, cuda_graphs: str = "step") -> Engine:
         """Load model, tokenizer and chat template from a GGUF file (or its first split, or a folder).
 
         ``experts``, ``expert_threads``, ``expert_memory``, ``gpu_stream_threshold``: how routed experts run
-        (ksdk.offload.ExpertOptions)."""
+        (ksdk.offload.ExpertOptions). ``cuda_graphs`` (a model on a GPU): how decode steps replay CUDA graphs,
+        "step" (the whole step, routed experts as host nodes), "attention" (each layer's attention) or "off"
+        (DeepseekForCausalLM.cuda_graphs)."""
         from ksdk.offload.options import ExpertOptions
 
         expert_options = ExpertOptions(backend=experts, threads=expert_threads, memory=expert_memory,  # type: ignore[arg-type]
@@ -107,6 +109,7 @@ class Engine:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         gguf = GGUFFile.open(path)
         model = load_model(gguf, device=device, experts=expert_options)
+        model.cuda_graphs = cuda_graphs  # type: ignore[assignment]  # raises InvalidRequestError for a bad name
         tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata)
         template = ChatTemplate.from_metadata(gguf.metadata, tokenizer)
         name = model_id or gguf.metadata.get("general.name") or Path(path).stem
