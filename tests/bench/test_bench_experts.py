@@ -22,6 +22,12 @@ def test_bench_reports_every_token_count(capsys) -> None:
     assert "GB/s" in text and "% of host" in text and "host read bandwidth" in text
 
 
+def test_bench_reads_a_private_copy_when_asked(capsys) -> None:
+    results = run_experts_bench(TINY, num_threads=1, isa="auto", why="test", copy_to_ram=True)
+    assert all(r.ms_per_layer > 0 and r.gbs > 0 for r in results)
+    assert "a private copy, huge pages requested" in capsys.readouterr().out
+
+
 def test_cli_rejects_bad_token_list(capsys) -> None:
     with pytest.raises(SystemExit):
         main(["experts", "--tokens", "1,zero"])
