@@ -299,7 +299,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--threads", type=_positive_int, help="worker threads (default: physical cores - 1)")
     parser.add_argument("--copy-to-ram", action="store_true",
                         help="read the experts from a private copy with transparent huge pages requested, as the "
-                        "engine's --expert-memory ram does (fewer TLB misses over a 7.3 GB layer)")
+                        "engine's --expert-memory ram does")
     parser.add_argument("--tokens", type=_token_list, help="comma-separated T values (default 1,4,16,64,256,1024)")
     parser.add_argument("--seconds", type=float, help="time budget per T (default 1.0; at least 3 calls)")
     parser.add_argument("--isa", default="auto", choices=["auto", "scalar", "avx2", "avx512vnni"],
