@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from ksdk.kernels.launch import num_programs_wanted
+from ksdk.kernels.online_softmax import online_softmax_step
 
 __all__ = ["mla_decode", "mla_decode_reference"]
 
@@ -75,15 +76,7 @@ def _mla_decode_kernel(q_lat_ptr, q_pe_ptr, kv_ptr, page_table_ptr, seq_lens_ptr
             scores = tl.dot(q_lat.to(c_kv.dtype), tl.trans(c_kv))
             scores = tl.dot(q_pe.to(k_pe.dtype), tl.trans(k_pe), scores)
         scores = tl.where(s_ok[None, :], scores * scale_log2, float("-inf"))  # [BH, BS]
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        probs = tl.exp2(scores - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(probs, axis=1)
-        if DOT_FP32:
-            acc = tl.dot(probs, c_kv, acc * alpha[:, None], input_precision="ieee")
-        else:
-            acc = tl.dot(probs.to(c_kv.dtype), c_kv, acc * alpha[:, None])
-        m_i = m_new
+        acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, scores, c_kv, DOT_FP32)
 
     has_tokens = end > start  # an empty split reports lse = -inf and a zero output
     out = tl.where(has_tokens, acc / tl.where(has_tokens, l_i, 1.0)[:, None], 0.0)

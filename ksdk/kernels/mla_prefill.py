@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ksdk.kernels.online_softmax import online_softmax_step
+
 __all__ = [
     "ExpandedContext", "PrefillConfig", "default_config", "expand_context", "mla_prefill", "mla_prefill_reference",
 ]
@@ -141,16 +143,8 @@ def _attend_keys(acc, l_i, m_i, q_n, q_p, kn_ptr, kp_ptr, v_ptr, kv0, h, n0, end
     scores = scores * scale_log2  # [BM, BN], log2 units
     if MASKED:
         scores = tl.where(offs_n[None, :] <= q_pos[:, None], scores, float("-inf"))
-    # Key 0 is in the first step and visible to every query row, so m_new is finite from then on.
-    m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-    alpha = tl.exp2(m_i - m_new)
-    probs = tl.exp2(scores - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(probs, axis=1)
-    if DOT_FP32:
-        acc = tl.dot(probs, v, acc * alpha[:, None], input_precision="ieee")
-    else:
-        acc = tl.dot(probs.to(v.dtype), v, acc * alpha[:, None])
-    return acc, l_i, m_new
+    # Key 0 is in the first step and visible to every query row, so the running max is finite from then on.
+    return online_softmax_step(acc, l_i, m_i, scores, v, DOT_FP32)
 
 
 @triton.jit
