@@ -92,6 +92,19 @@ class HostCallLog:
         """Wall time inside the host calls (submit -> wait), summed, in ns."""
     @property
     def calls(self) -> int: ...
+    def new_step(self) -> None:
+        """Mark a step's launch: the lead runs from here to its first host call, and no gap crosses it."""
+    @property
+    def gap_ns(self) -> int:
+        """Summed time from one host call's end to the next one's start within a step (one MoE layer's GPU
+        work, copies and round trip each), in ns."""
+    @property
+    def gaps(self) -> int: ...
+    @property
+    def lead_ns(self) -> int:
+        """Summed time from new_step() to each step's first host call, in ns."""
+    @property
+    def leads(self) -> int: ...
     skip_experts: bool
     """When set, host calls zero their output instead of running the experts (to time everything else)."""
 

@@ -66,7 +66,7 @@ class E2EConfig:
     device: str = "cuda"
     dtype: torch.dtype = torch.bfloat16
     small: bool = False
-    profile: bool = False  # print torch.profiler's op table for one decode step at the first batch size
+    profile: bool = False  # torch.profiler's op tables: a decode step at the first batch size, the longest prefill
     cuda_graphs: tuple[str, ...] = ("step",)  # DeepseekForCausalLM.cuda_graphs modes, one decode table each
     expert_memory: str = "mmap"  # ExpertOptions.memory: where the routed experts' bytes live
 
@@ -237,6 +237,15 @@ class StepTimes:
     experts_ms: float  # in the routed experts, timed inside the native host calls (submit -> wait), all layers
     gpu_side_ms: float  # a step whose host calls skip the experts: GPU work, copies and host-node round trips
     rest_ms: float  # embedding, final norm and LM head, timed eagerly on their own
+    gap_ms: float  # one MoE layer's non-expert span: from a host call's end to the next one's start (mean)
+    lead_ms: float  # from the step's launch to its first host call: the dense layers and the first attention
+
+    def r1_ms(self, moe_layers: int, dense_layers: int, full_moe: int, full_dense: int) -> float:
+        """This step with the missing layers added at their measured cost: each MoE layer its experts and one
+        gap; each dense layer the lead less one gap (the first MoE layer's attention), over the dense layers."""
+        experts = self.experts_ms / moe_layers
+        dense = max(0.0, self.lead_ms - self.gap_ms) / dense_layers
+        return self.step_ms + (full_moe - moe_layers) * (experts + self.gap_ms) + (full_dense - dense_layers) * dense
 
 
 @dataclass(frozen=True)
@@ -294,12 +303,14 @@ class _Runner:
         log.reset_counters()
         step = self._timed_steps(inputs)
         experts_ms = log.expert_ns / 1e6 / self.config.decode_steps
+        gap_ms = log.gap_ns / 1e6 / max(1, log.gaps)
+        lead_ms = log.lead_ns / 1e6 / max(1, log.leads)
         log.skip_experts = True
         try:
             gpu_side = self._timed_steps(inputs)
         finally:
             log.skip_experts = False
-        return StepTimes(1e3 * step, experts_ms, 1e3 * gpu_side, 1e3 * self._rest_seconds(inputs[0]))
+        return StepTimes(1e3 * step, experts_ms, 1e3 * gpu_side, 1e3 * self._rest_seconds(inputs[0]), gap_ms, lead_ms)
 
     @torch.inference_mode()
     def _rest_seconds(self, ids: torch.Tensor) -> float:
@@ -382,6 +393,18 @@ class _Runner:
         return (f"one decode step, batch {batch}: {1e3 * wall:.2f} ms wall (profiled), {kernels} kernels, "
                 f"{device_us / 1e3:.2f} ms of kernel time\n" + events.table(sort_by=sort, row_limit=rows))
 
+    def profile_prefill(self, tokens: int, rows: int = 30) -> str:
+        """torch.profiler's op table (by device time) for one prefill step of ``tokens``."""
+        inputs = self._prefill_inputs(tokens)
+        self._step(*inputs)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                torch.profiler.ProfilerActivity.CUDA]) as prof:
+            start = self.clock.now()
+            self._step(*inputs)
+            wall = self.clock.now() - start
+        return (f"one prefill step of {tokens} tokens: {1e3 * wall:.1f} ms wall (profiled)\n"
+                + prof.key_averages().table(sort_by="device_time_total", row_limit=rows))
+
     def layer_times(self, batch: int) -> tuple[list[LayerTimes], float]:
         """Per-layer times of one decode step (device drained around each layer), and the step's total."""
         inputs = self._decode_inputs(batch)
@@ -423,30 +446,30 @@ class _Floor:
 
 
 def _decode_table_step_graph(runner: _Runner, spec: TinyModelSpec, config: E2EConfig, floor: _Floor,
-                             full_layers: int) -> None:
-    """Decode replayed from the whole-step graph. The 61-layer estimate: the non-expert part of a step beyond
-    the rest (step - experts - rest) averaged over this model's layers, times 61, plus 58 MoE layers' expert
-    time, plus the rest; the dense layers' heavier MLP makes the average slightly pessimistic for R1's mix."""
-    layers, moe_layers = spec.num_layers, spec.num_layers - spec.num_dense_layers
+                             full_dense: int) -> None:
+    """Decode replayed from the whole-step graph. The 61-layer estimate is this step plus the layers it lacks,
+    each at its own measured cost (StepTimes.r1_ms): a MoE layer's experts and the span between two host calls,
+    a dense layer from the span before the first host call (``_run`` checks the model has both kinds)."""
+    moe_layers, dense_layers = spec.num_layers - spec.num_dense_layers, spec.num_dense_layers
     print(f"decode replayed from one CUDA graph per step (routed experts as host nodes):")
-    print(f"{'decode':>8} {'tok/s':>8} {'ms/step':>8} | {'experts ms':>10} {'step-exp':>8} {'GPU side':>8} "
-          f"{'rest ms':>7} | {'61-layer tok/s':>14} {'floor tok/s':>11} {'share':>6}")
+    print(f"{'decode':>8} {'tok/s':>8} {'ms/step':>8} | {'experts ms':>10} {'MoE gap':>7} {'lead':>6} "
+          f"{'GPU side':>8} {'rest ms':>7} | {'61-layer tok/s':>14} {'floor tok/s':>11} {'share':>6}")
     rows = []
     for batch in config.batches:
         t = runner.graph_step_times(batch)
-        per_layer = max(0.0, t.step_ms - t.experts_ms - t.rest_ms) / layers
-        full_ms = t.rest_ms + full_layers * per_layer + floor.moe_layers * t.experts_ms / moe_layers
+        full_ms = t.r1_ms(moe_layers, dense_layers, floor.moe_layers, full_dense)
         full_tps, floor_tps = batch / full_ms * 1e3, floor.tok_s(batch)
-        rows.append((batch, t))
+        rows.append((batch, t, full_ms))
         print(f"{batch:>8} {batch / t.step_ms * 1e3:>8.1f} {t.step_ms:>8.2f} | {t.experts_ms:>10.2f} "
-              f"{t.step_ms - t.experts_ms:>8.2f} {t.gpu_side_ms:>8.2f} {t.rest_ms:>7.2f} | {full_tps:>14.2f} "
+              f"{t.gap_ms:>7.3f} {t.lead_ms:>6.2f} {t.gpu_side_ms:>8.2f} {t.rest_ms:>7.2f} | {full_tps:>14.2f} "
               f"{floor_tps:>11.2f} {full_tps / floor_tps:>6.0%}", flush=True)
-    print(f"\n{'decode':>8} {'GPU side/experts':>16} {'(step-experts)/experts':>22}   (experts: time inside the "
-          f"native host calls, all {moe_layers} MoE layers; GPU side: a step whose host calls skip the experts, "
-          f"copies and host-node round trips kept; step-experts: what a step costs beyond the experts)")
-    for batch, t in rows:
-        experts = max(t.experts_ms, 1e-9)
-        print(f"{batch:>8} {t.gpu_side_ms / experts:>16.0%} {(t.step_ms - t.experts_ms) / experts:>22.0%}")
+    print(f"\n{'decode':>8} {'61-layer ms':>11} {'of it experts':>13} {'non-expert/experts':>18}   (experts: time "
+          f"inside the native host calls; MoE gap: from one host call's end to the next one's start, a MoE layer's "
+          f"GPU work with its copies and host-node round trip; lead: launch to the first host call, the dense "
+          f"layers and the first attention; GPU side: a step whose host calls skip the experts)")
+    for batch, t, full_ms in rows:
+        experts = floor.moe_layers * t.experts_ms / moe_layers
+        print(f"{batch:>8} {full_ms:>11.1f} {experts:>13.1f} {(full_ms - experts) / max(experts, 1e-9):>18.0%}")
 
 
 def _decode_table_eager(runner: _Runner, spec: TinyModelSpec, config: E2EConfig, floor: _Floor,
@@ -486,6 +509,18 @@ def _cpu_only(hybrids: list[HybridRoutedExperts], run: Callable[[], float]) -> f
         return run()
     finally:
         crossover.threshold = saved
+
+
+def _gpu_only(hybrids: list[HybridRoutedExperts], run: Callable[[], str]) -> str:
+    """``run()`` with the CPU's share of long batches off: the GPU streams every expert."""
+    saved = [h.split for h in hybrids]
+    for h in hybrids:
+        h.split = False
+    try:
+        return run()
+    finally:
+        for h, split in zip(hybrids, saved):
+            h.split = split
 
 
 def _tensor_bytes(module: torch.nn.Module, device: torch.device) -> int:
@@ -550,7 +585,7 @@ def run_e2e(config: E2EConfig) -> None:
     for mode in config.cuda_graphs:
         model.cuda_graphs = mode  # type: ignore[assignment]
         if device.type == "cuda" and mode == "step" and model.decode_graphs and model.decode_graphs.capturable:
-            _decode_table_step_graph(runner, spec, config, floor, full_layers)
+            _decode_table_step_graph(runner, spec, config, floor, full_dense)
         else:
             print(f"decode with {'eager' if device.type != 'cuda' or mode == 'off' else 'per-layer attention-graph'}"
                   f" launches, MoE layers eager (sync, submit, wait):")
@@ -572,6 +607,15 @@ def run_e2e(config: E2EConfig) -> None:
             line += f"; CPU experts only: {tokens / cpu_seconds:.1f} tok/s ({1e3 * cpu_seconds:.0f} ms)"
         print(line, flush=True)
         print(_prefill_extrapolation(runner, tokens, full_dense, moe_full), flush=True)
+        if config.profile and runner.clock.cuda and tokens == max(config.prefill):
+            print(runner.profile_prefill(tokens), flush=True)
+        splits = [h.last_split for h in hybrids if h.last_path == "cpu+gpu" and h.last_split is not None]
+        if splits:
+            print("    split per MoE layer (CPU experts/ms, GPU experts/ms): " + "; ".join(
+                f"{r.cpu_experts}/{1e3 * r.cpu_seconds:.0f}, {r.gpu_experts}/{1e3 * r.gpu_seconds:.0f}"
+                for r in splits), flush=True)
+            gpu_only = _gpu_only(hybrids, lambda: _prefill_extrapolation(runner, tokens, full_dense, moe_full))
+            print(f"    GPU experts only (no CPU share):{gpu_only.split(':', 1)[1]}", flush=True)
     if hybrids:
         crossover = hybrids[0].crossover
         measured = crossover.measurement
@@ -586,9 +630,8 @@ def run_e2e(config: E2EConfig) -> None:
     print(f"\nfloor = batch x host bandwidth / ({moe_full} MoE layers x expected distinct experts x "
           f"{expert_mb:.1f} MB); at batch 1 that is {moe_full * k * expert_mb / 1e3:.1f} GB per token "
           f"(DESIGN.md's {DESIGN_EXPERT_GB_PER_TOKEN} GB gives {host_gbs / DESIGN_EXPERT_GB_PER_TOKEN:.2f} tok/s). "
-          f"61-layer figures: eager tables scale the measured dense/MoE layer times x {full_dense}/{moe_full} plus "
-          f"the rest; the step-graph table scales the per-layer non-expert time x {full_layers} and the experts x "
-          f"{moe_full}.")
+          f"61-layer figures scale the measured dense and MoE layer costs to {full_dense} and {moe_full} layers "
+          f"(eager: per-layer times plus the rest; step graph: the step plus the missing layers).")
 
 
 PREFILL_TARGETS = {2048: 250, 8192: 800}  # R1-extrapolated tok/s (issue #6)
@@ -636,6 +679,9 @@ def _run(args: argparse.Namespace) -> int:
         raise SystemExit("--device cuda: no CUDA GPU here; use --device cpu (with --small) for a smoke run")
     if not 0 <= args.dense_layers < args.layers:
         raise SystemExit(f"--dense-layers {args.dense_layers}: need 0 <= dense layers < --layers {args.layers}")
+    if args.device == "cuda" and "step" in args.graphs and (args.dense_layers < 1 or args.layers - args.dense_layers < 2):
+        raise SystemExit("--graphs step extrapolates from the span between two MoE layers' host calls and from the "
+                         "dense layers before them: give --dense-layers >= 1 and --layers >= --dense-layers + 2")
     run_e2e(E2EConfig(layers=args.layers, dense_layers=args.dense_layers, batches=args.batches,
                       prefill=args.prefill, context=args.context, decode_steps=args.steps, device=args.device,
                       dtype=_DTYPES[args.dtype], small=args.small, profile=args.profile,
@@ -662,7 +708,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--dtype", default="bf16", choices=sorted(_DTYPES))
     parser.add_argument("--small", action="store_true", help="tiny dimensions: a smoke run on any machine")
     parser.add_argument("--profile", action="store_true",
-                        help="also print torch.profiler's op table for one decode step at the first batch size")
+                        help="also print torch.profiler's op tables for one decode step at the first batch size and "
+                             "(on CUDA) one prefill step of the longest prompt")
     parser.add_argument("--expert-memory", default=defaults.expert_memory, choices=EXPERT_MEMORY,
                         help="routed experts read from the memory-mapped file (mmap), or copied into process memory "
                              "(ram; locked: also mlock'ed), which a GPU streams from directly (default mmap)")

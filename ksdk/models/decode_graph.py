@@ -89,7 +89,8 @@ class DecodeGraphs:
 
     @property
     def log(self) -> object:
-        """The native HostCallLog of every host call in these graphs: ``calls``, ``expert_ns``, ``skip_experts``."""
+        """The native HostCallLog of every host call in these graphs: ``calls``, ``expert_ns``, the spans
+        between a step's host calls (``gap_ns``, ``gaps``) and before its first (``lead_ns``), ``skip_experts``."""
         if self._log is None:
             self._log = load_native().HostCallLog()
         return self._log
@@ -126,6 +127,7 @@ class DecodeGraphs:
             if self._ctx is None:
                 self._ctx = MoEStepContext(self.log, torch.cuda.Stream(x.device))
             step = self._graphs[key] = _CapturedStep(self.model, x, positions, meta, kv_cache, bucket, self._ctx)
+        self.log.new_step()  # type: ignore[attr-defined]
         logits = step.replay(x, positions, meta).clone()  # the static buffer is overwritten by the next replay
         if self._done is None:
             self._done = torch.cuda.Event(blocking=True)

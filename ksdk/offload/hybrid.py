@@ -22,7 +22,7 @@ if TYPE_CHECKING:  # imported lazily by the caller: it loads the Triton kernels
     from ksdk.offload.gpu_experts import GPUStreamedExperts, StreamCrossover
     from ksdk.offload.routed import NativeRoutedExperts
 
-__all__ = ["HybridRoutedExperts"]
+__all__ = ["HybridRoutedExperts", "SplitReport"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +38,16 @@ class _SplitCall:
     gpu_end: torch.cuda.Event
 
 
+@dataclasses.dataclass(frozen=True)
+class SplitReport:
+    """What the last split call gave each side and how long each took (measured while the other ran)."""
+
+    cpu_experts: int
+    gpu_experts: int
+    cpu_seconds: float
+    gpu_seconds: float
+
+
 class HybridRoutedExperts:
     """Native CPU experts for short batches, experts streamed to the GPU from ``crossover``'s threshold on.
 
@@ -45,7 +55,8 @@ class HybridRoutedExperts:
     or by :meth:`calibrate`) every call runs on the CPU. If the CPU experts hold their bytes in process memory
     (``ExpertOptions.memory`` "ram"/"locked"), the GPU side registers it with CUDA and copies straight from it;
     then, with ``split``, long calls also give the CPU the share of experts that ``crossover.split`` plans.
-    ``last_path`` says where the last call ran: "cpu", "gpu" or "cpu+gpu".
+    ``last_path`` says where the last call ran: "cpu", "gpu" or "cpu+gpu"; ``last_split`` what the last split
+    call gave each side.
     """
 
     def __init__(self, cpu: NativeRoutedExperts, gpu: GPUStreamedExperts, crossover: StreamCrossover, *,
@@ -59,6 +70,7 @@ class HybridRoutedExperts:
         if self.split and crossover.split is None:
             crossover.split = ExpertSplit(gpu.layout.nbytes)
         self.last_path: Literal["cpu", "gpu", "cpu+gpu"] | None = None
+        self.last_split: SplitReport | None = None
         self._active: NativeRoutedExperts | GPUStreamedExperts | None = None
         self._split_call: _SplitCall | None = None
 
@@ -148,6 +160,8 @@ class HybridRoutedExperts:
         gpu_seconds = call.gpu_start.elapsed_time(call.gpu_end) / 1e3
         assert self.crossover.split is not None
         self.crossover.split.record(call.counts, call.cpu_mask, cpu_seconds, gpu_seconds)
-        logger.debug("split call: %d of %d experts on the CPU, CPU %.1f ms, GPU %.1f ms",
-                     int(call.cpu_mask.sum()), int((call.counts > 0).sum()), 1e3 * cpu_seconds, 1e3 * gpu_seconds)
+        active = call.counts > 0
+        cpu_experts = int((active & call.cpu_mask).sum())
+        self.last_split = SplitReport(cpu_experts, int(active.sum()) - cpu_experts, cpu_seconds, gpu_seconds)
+        logger.debug("split call: %s", self.last_split)
         return out.add_(cpu_out)

@@ -143,6 +143,11 @@ PYBIND11_MODULE(_native, m) {
       .def("reset_counters", &HostCallLog::reset_counters)
       .def_property_readonly("expert_ns", &HostCallLog::expert_ns)
       .def_property_readonly("calls", &HostCallLog::calls)
+      .def("new_step", [](HostCallLog& self) { self.new_step(HostCallLog::now_ns()); })
+      .def_property_readonly("gap_ns", &HostCallLog::gap_ns)
+      .def_property_readonly("gaps", &HostCallLog::gaps)
+      .def_property_readonly("lead_ns", &HostCallLog::lead_ns)
+      .def_property_readonly("leads", &HostCallLog::leads)
       .def_property(
           "skip_experts", [](const HostCallLog& self) { return self.skip_experts.load(); },
           [](HostCallLog& self, bool on) { self.skip_experts.store(on); });

@@ -24,7 +24,8 @@ std::string HostCallLog::take_error() {
 extern "C" __attribute__((visibility("default"))) void ksdk_moe_host_call(void* user_data) {
   auto* host_call = static_cast<ksdk::HostCall*>(user_data);
   ksdk::HostCallLog& log = *host_call->log;
-  const auto start = std::chrono::steady_clock::now();
+  const int64_t start = ksdk::HostCallLog::now_ns();
+  log.begin_call(start);
   if (log.skip_experts.load(std::memory_order_relaxed)) {
     std::memset(host_call->call.out, 0, sizeof(float) * size_t(host_call->call.num_tokens) * host_call->hidden);
   } else {
@@ -37,6 +38,5 @@ extern "C" __attribute__((visibility("default"))) void ksdk_moe_host_call(void* 
       log.record_error("unknown exception in the routed experts");
     }
   }
-  const auto elapsed = std::chrono::steady_clock::now() - start;
-  log.add_call(std::chrono::duration_cast<std::chrono::nanoseconds>(elapsed).count());
+  log.end_call(start, ksdk::HostCallLog::now_ns());
 }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import pytest
 import torch
 
 from ksdk.bench.e2e import E2EConfig, run_e2e
@@ -19,3 +20,14 @@ def test_small_run_prints_decode_prefill_and_61_layer_figures(capsys, tmp_path, 
     assert prefill and float(prefill.group(1)) > 0
     extrapolated = re.search(r"dense layer ([\d.]+) ms, MoE layer ([\d.]+) ms.*-> 61 layers: (\d+) tok/s", text)
     assert extrapolated and all(float(v) > 0 for v in extrapolated.groups())
+
+
+def test_step_graph_extrapolation_adds_the_missing_layers_at_their_measured_cost() -> None:
+    from ksdk.bench.e2e import StepTimes
+
+    # 1 dense + 2 MoE layers: experts 2 ms per MoE layer, a MoE layer's gap 0.3 ms, the lead 1.0 ms (the dense
+    # layer 0.7 + the first attention 0.3).
+    t = StepTimes(step_ms=6.0, experts_ms=4.0, gpu_side_ms=0.0, rest_ms=0.5, gap_ms=0.3, lead_ms=1.0)
+    assert t.r1_ms(moe_layers=2, dense_layers=1, full_moe=58, full_dense=3) == pytest.approx(
+        6.0 + 56 * (2.0 + 0.3) + 2 * 0.7)
+    assert t.r1_ms(moe_layers=2, dense_layers=1, full_moe=2, full_dense=1) == pytest.approx(6.0)

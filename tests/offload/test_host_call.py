@@ -129,3 +129,29 @@ def test_bad_sizes_are_refused(experts: CPUExperts) -> None:
     with pytest.raises(ValueError, match="must be >= 1"):
         load_native().HostCall(experts._runner, load_native().HostCallLog(), 0, False, 0, True, 0, 0, 0, TOP_K,
                                HIDDEN)
+
+
+def test_log_times_the_spans_between_a_steps_host_calls(experts: CPUExperts) -> None:
+    """Two steps of three host calls: two gaps per step and one lead (new_step to the first call), none across
+    steps; the spans hold the host work done between the calls."""
+    import time
+
+    bufs = Buffers(1, torch.float32)
+    log = load_native().HostCallLog()
+    host_call = bufs.host_call(experts, log)
+    pause = 0.005
+    for _ in range(2):
+        log.new_step()
+        time.sleep(pause)  # the "dense layers" before the first MoE layer
+        for layer in range(3):
+            if layer:
+                time.sleep(pause)  # a MoE layer's "GPU work"
+            call(host_call)
+        time.sleep(3 * pause)  # the step's tail and the next launch: not a gap
+    assert log.calls == 6 and log.gaps == 4 and log.leads == 2
+    assert pause <= log.gap_ns / 1e9 / log.gaps < 3 * pause
+    assert pause <= log.lead_ns / 1e9 / log.leads < 3 * pause
+    log.reset_counters()
+    assert (log.calls, log.gaps, log.leads, log.gap_ns, log.lead_ns, log.expert_ns) == (0, 0, 0, 0, 0, 0)
+    call(host_call)  # after the last call of a step and without new_step(): a gap, but no lead
+    assert log.gaps == 1 and log.leads == 0

@@ -9,6 +9,7 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <mutex>
 #include <string>
@@ -20,18 +21,48 @@ namespace ksdk {
 // Shared by every host call of one model's step graphs: the first error of a step, and the time spent.
 class HostCallLog {
  public:
+  // steady_clock in ns: the clock of every time below (Python passes new_step() the same one).
+  static int64_t now_ns() {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+        .count();
+  }
   void record_error(const std::string& what);
   // The first error recorded since the last take, or "" when none; clears it.
   std::string take_error();
-  void add_call(int64_t ns) {
-    expert_ns_.fetch_add(ns, std::memory_order_relaxed);
+  // A step's host calls run one after another on the driver's thread, so the time from one call's end to
+  // the next one's start is the GPU work of one MoE layer between them (plus the copies and the round
+  // trip). new_step(), called before a step is launched, stops that span from reaching across steps and
+  // starts the lead: from the launch to the step's first host call (dense layers and the first attention).
+  void new_step(int64_t now_ns) {
+    last_end_ns_.store(0, std::memory_order_relaxed);
+    step_start_ns_.store(now_ns, std::memory_order_relaxed);
+  }
+  void begin_call(int64_t now_ns) {
+    const int64_t last_end = last_end_ns_.load(std::memory_order_relaxed);
+    if (last_end != 0) {
+      gap_ns_.fetch_add(now_ns - last_end, std::memory_order_relaxed);
+      gaps_.fetch_add(1, std::memory_order_relaxed);
+    } else if (const int64_t start = step_start_ns_.exchange(0, std::memory_order_relaxed); start != 0) {
+      lead_ns_.fetch_add(now_ns - start, std::memory_order_relaxed);
+      leads_.fetch_add(1, std::memory_order_relaxed);
+    }
+  }
+  void end_call(int64_t start_ns, int64_t now_ns) {
+    expert_ns_.fetch_add(now_ns - start_ns, std::memory_order_relaxed);
     calls_.fetch_add(1, std::memory_order_relaxed);
+    last_end_ns_.store(now_ns, std::memory_order_relaxed);
   }
   int64_t expert_ns() const { return expert_ns_.load(std::memory_order_relaxed); }
   int64_t calls() const { return calls_.load(std::memory_order_relaxed); }
+  // Summed spans between consecutive host calls of a step, and how many.
+  int64_t gap_ns() const { return gap_ns_.load(std::memory_order_relaxed); }
+  int64_t gaps() const { return gaps_.load(std::memory_order_relaxed); }
+  // Summed spans from new_step() to the step's first host call, and how many.
+  int64_t lead_ns() const { return lead_ns_.load(std::memory_order_relaxed); }
+  int64_t leads() const { return leads_.load(std::memory_order_relaxed); }
   void reset_counters() {
-    expert_ns_.store(0, std::memory_order_relaxed);
-    calls_.store(0, std::memory_order_relaxed);
+    for (auto* counter : {&expert_ns_, &calls_, &gap_ns_, &gaps_, &lead_ns_, &leads_})
+      counter->store(0, std::memory_order_relaxed);
   }
   // When set, host calls zero their output instead of running the experts (measures everything else).
   std::atomic<bool> skip_experts{false};
@@ -39,7 +70,8 @@ class HostCallLog {
  private:
   std::mutex mu_;
   std::string first_error_;
-  std::atomic<int64_t> expert_ns_{0}, calls_{0};
+  std::atomic<int64_t> expert_ns_{0}, calls_{0}, gap_ns_{0}, gaps_{0}, lead_ns_{0}, leads_{0};
+  std::atomic<int64_t> last_end_ns_{0}, step_start_ns_{0};  // steady_clock ns; 0: none
 };
 
 // One MoE layer's call at one batch size: fixed buffers, bound once at capture.
