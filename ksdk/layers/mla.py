@@ -162,13 +162,19 @@ class MLAttention(torch.nn.Module):
         q = self.q_proj(x) if self.q_proj is not None else self.q_b(self.q_a_norm(self.q_a(x)))
         q = q.view(T, self.num_heads, self.nope + self.rope_dim)
         q_nope, q_pe = q.split([self.nope, self.rope_dim], dim=-1)  # [T, H, nope], [T, H, rope]
-        q_pe = RotaryEmbedding.apply(q_pe, cos, sin)
-
         kv = self.kv_a(x)  # [T, rank + rope]
-        c_kv = self.kv_a_norm(kv[:, : self.rank])
-        k_pe = RotaryEmbedding.apply(kv[:, self.rank :], cos, sin)
-        latent = torch.cat((c_kv, k_pe), dim=-1)  # [T, rank + rope]
-        kv_pages.view(-1, latent.shape[-1])[meta.slot_mapping] = latent.to(kv_pages.dtype)
+        if kv_pages.is_cuda:  # the same roundings in two launches instead of about 25
+            from ksdk.kernels.latent_cache import write_latent
+            from ksdk.kernels.rotary import rotary_
+
+            rotary_(q_pe, cos, sin)  # in place: q is this step's own projection
+            write_latent(kv, self.kv_a_norm.weight, self.kv_a_norm.eps, cos, sin, kv_pages, meta.slot_mapping)
+        else:
+            q_pe = RotaryEmbedding.apply(q_pe, cos, sin)
+            c_kv = self.kv_a_norm(kv[:, : self.rank])
+            k_pe = RotaryEmbedding.apply(kv[:, self.rank :], cos, sin)
+            latent = torch.cat((c_kv, k_pe), dim=-1)  # [T, rank + rope]
+            kv_pages.view(-1, latent.shape[-1])[meta.slot_mapping] = latent.to(kv_pages.dtype)
 
         if meta.is_decode:
             out = self._decode(q_nope, q_pe, meta, kv_pages, max_seq_len)

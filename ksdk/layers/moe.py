@@ -44,6 +44,12 @@ class Router(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, hidden] -> (expert ids [T, k] int64, weights [T, k] fp32)."""
         logits = torch.nn.functional.linear(x.float(), self.weight)  # [T, E]
+        if logits.is_cuda:  # the rest in one launch instead of about fifteen (ties: see ksdk.kernels.router)
+            from ksdk.kernels.router import route
+
+            return route(logits, self.bias, top_k=self.top_k, num_groups=self.num_groups,
+                         topk_groups=self.topk_groups, sigmoid=self.gating == "sigmoid",
+                         normalize=self.norm_topk_prob, scaling=self.scaling)
         scores = logits.sigmoid() if self.gating == "sigmoid" else logits.softmax(dim=-1)
         choice = scores if self.bias is None else scores + self.bias
         if self.num_groups > 1 and self.topk_groups < self.num_groups:

@@ -36,15 +36,20 @@ class DecoderLayer(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata,
                 kv_pages: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, meta, kv_pages)
-        return x + self.ffn(self.ffn_norm(x))
+        x, h = self.ffn_norm.add_and_norm(x, self.attn(self.attn_norm(x), cos, sin, meta, kv_pages))
+        return x + self.ffn(h)
 
-    def decode_step(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata,
-                    kv_pages: torch.Tensor, max_seq_len: int, ctx: MoEStepContext) -> torch.Tensor:
-        """forward() for a captured decode step: stream-ordered work only, attention sized for the bucket."""
-        x = x + self.attn.decode_step(self.attn_norm(x), cos, sin, meta, kv_pages, max_seq_len)
-        h = self.ffn_norm(x)
-        return x + (self.ffn.decode_step(h, ctx) if isinstance(self.ffn, MoE) else self.ffn(h))
+    def decode_step(self, x: torch.Tensor, delta: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                    meta: AttentionMetadata, kv_pages: torch.Tensor, max_seq_len: int,
+                    ctx: MoEStepContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """forward() for a captured decode step: stream-ordered work only, attention sized for the bucket.
+
+        Residual adds are deferred so that each fuses with the norm after it (one launch on a GPU): the layer's
+        input is ``x + delta`` (``delta`` None for the first layer), and it returns (input after attention,
+        ffn output), whose sum is its output."""
+        x, h = (x, self.attn_norm(x)) if delta is None else self.attn_norm.add_and_norm(x, delta)
+        x, h = self.ffn_norm.add_and_norm(x, self.attn.decode_step(h, cos, sin, meta, kv_pages, max_seq_len))
+        return x, (self.ffn.decode_step(h, ctx) if isinstance(self.ffn, MoE) else self.ffn(h))
 
 
 class DeepseekForCausalLM(torch.nn.Module):
@@ -110,9 +115,11 @@ class DeepseekForCausalLM(torch.nn.Module):
         """The body of a captured decode step (see ksdk.models.decode_graph): x [B, hidden] after the
         embedding, one token per sequence -> [B, vocab] fp32 logits. Stream-ordered work only."""
         cos, sin = self.rotary.cos_sin(positions)
+        delta = None
         for layer, kv_pages in zip(self.layers, kv_cache):
-            x = layer.decode_step(x, cos, sin, meta, kv_pages, max_seq_len, ctx)
-        return self.lm_head(self.norm(x)).float()  # one token per sequence: every row is a last token
+            x, delta = layer.decode_step(x, delta, cos, sin, meta, kv_pages, max_seq_len, ctx)
+        h = self.norm(x) if delta is None else self.norm.add_and_norm(x, delta)[1]
+        return self.lm_head(h).float()  # one token per sequence: every row is a last token
 
     @classmethod
     def from_gguf(cls, gguf: GGUFFile, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
