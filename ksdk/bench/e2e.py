@@ -611,8 +611,8 @@ def run_e2e(config: E2EConfig) -> None:
             print(runner.profile_prefill(tokens), flush=True)
         splits = [h.last_split for h in hybrids if h.last_path == "cpu+gpu" and h.last_split is not None]
         if splits:
-            print("    split per MoE layer (CPU experts/ms, GPU experts/ms): " + "; ".join(
-                f"{r.cpu_experts}/{1e3 * r.cpu_seconds:.0f}, {r.gpu_experts}/{1e3 * r.gpu_seconds:.0f}"
+            print("    split per MoE layer (CPU experts/tokens/ms, GPU experts/ms): " + "; ".join(
+                f"{r.cpu_experts}/{r.cpu_tokens}/{1e3 * r.cpu_seconds:.0f}, {r.gpu_experts}/{1e3 * r.gpu_seconds:.0f}"
                 for r in splits), flush=True)
             gpu_only = _gpu_only(hybrids, lambda: _prefill_extrapolation(runner, tokens, full_dense, moe_full))
             print(f"    GPU experts only (no CPU share):{gpu_only.split(':', 1)[1]}", flush=True)

@@ -498,8 +498,9 @@ def _gemv(x: torch.Tensor, w_raw: torch.Tensor, qtype: GGMLQuantizationType, out
 
 def dequant_matmul(x: torch.Tensor, w_raw: torch.Tensor, qtype: GGMLQuantizationType, in_features: int,
                    *, split_k: int | None = None, gemv: GemvConfig | None = None,
-                   gemm: GemmConfig | None = None) -> torch.Tensor:
-    """x [M, K] fp32|fp16|bf16 @ W.T, W given as GGUF bytes ``w_raw`` uint8 [N, bytes_per_row] -> [M, N] in x's dtype.
+                   gemm: GemmConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] fp32|fp16|bf16 @ W.T, W given as GGUF bytes ``w_raw`` uint8 [N, bytes_per_row] -> [M, N] in x's dtype,
+    written into ``out`` (contiguous [M, N] in x's dtype, on x's device) when given.
 
     M <= ``GEMV_MAX_M`` takes the GEMV kernel: ``split_k`` splits K over that many programs per N tile (by
     default enough to fill the GPU) and ``gemv`` overrides its tiles (default :func:`gemv_config`). Larger M
@@ -508,7 +509,11 @@ def dequant_matmul(x: torch.Tensor, w_raw: torch.Tensor, qtype: GGMLQuantization
     qtype = GGMLQuantizationType(qtype)
     _check(x, w_raw, qtype, in_features)
     M, K, N = x.shape[0], in_features, w_raw.shape[0]
-    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    if out is None:
+        out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    elif out.shape != (M, N) or out.dtype != x.dtype or out.device != x.device or not out.is_contiguous():
+        raise ValueError(f"out is {out.dtype} {tuple(out.shape)} on {out.device} (contiguous: {out.is_contiguous()}); "
+                         f"expected contiguous {x.dtype} [{M}, {N}] on {x.device}")
     if M == 0 or N == 0:
         return out
     if M <= GEMV_MAX_M:

@@ -12,14 +12,21 @@ line is taken when the experts live in process memory that is registered with CU
 (:meth:`GPUStreamedExperts.use_host_memory`): no host copy, and the host never waits. One staging area serves
 every layer of a model (layers run one at a time). ``StreamCrossover`` holds the token count
 from which this beats the CPU: given, or measured once (see ``HybridRoutedExperts`` in ``hybrid.py``).
+
+An expert's bytes take ~0.6 ms to cross PCIe, so the host's work per expert must stay well below that: the
+batch is routed once (``RoutePlan``: one host sync), tokens are gathered and weighted once per chunk of experts
+rather than per expert, and the copies go straight to the driver. Per expert the host then issues three copies
+and five kernels (gate/up, SiLU, ·up, down, the add into the output).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import math
 import warnings
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -27,6 +34,7 @@ from gguf.constants import GGMLQuantizationType
 
 from ksdk.errors import ModelFileError, UnsupportedQuantError
 from ksdk.kernels.dequant_matmul import KERNEL_QTYPES, dequant_matmul
+from ksdk.offload.host_call import cuda_driver
 from ksdk.weights.quants import bytes_per_row
 
 if TYPE_CHECKING:
@@ -34,14 +42,17 @@ if TYPE_CHECKING:
     from ksdk.offload.expert_split import ExpertSplit
     from ksdk.offload.host_memory import ExpertHostMemory
 
-__all__ = ["CALIBRATION_TOKENS", "ExpertLayout", "ExpertStaging", "GPUStreamedExperts", "StreamCrossover",
-           "accumulate_expert", "expert_mlp", "route_plan"]
+__all__ = ["CALIBRATION_TOKENS", "ExpertLayout", "ExpertStaging", "GPUStreamedExperts", "RoutePlan", "StreamCrossover",
+           "accumulate_experts", "expert_mlp", "route_plan"]
 
 logger = logging.getLogger(__name__)
 
 # Batches this large touch nearly every expert (R1: 256 tokens x 8 of 256 experts leave ~0.1 untouched), so
 # the GPU's cost measured there is its full-transfer cost, the part that does not shrink with more tokens.
 CALIBRATION_TOKENS = 256
+# Pairs (token, expert) gathered at once: bounds the gathered inputs and outputs ([pairs, hidden] each, ~117 MB
+# in bf16 for R1) while an 8K-token prompt (64K pairs) still takes only 8 gathers and 8 index_adds per layer.
+CHUNK_PAIRS = 8192
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,9 +94,10 @@ class ExpertLayout:
         return sum(self.part_bytes)
 
 
-def expert_mlp(h: torch.Tensor, buf: torch.Tensor, layout: ExpertLayout) -> torch.Tensor:
+def expert_mlp(h: torch.Tensor, buf: torch.Tensor, layout: ExpertLayout, *,
+               out: torch.Tensor | None = None) -> torch.Tensor:
     """down(silu(gate·h) ⊙ up·h) for h [n, hidden], the expert's bytes ``buf`` uint8 [layout.nbytes] on h's
-    device -> [n, hidden] in h's dtype."""
+    device -> [n, hidden] in h's dtype (written into ``out`` when given)."""
     H, I = layout.hidden, layout.intermediate
     (q_gate, q_up, q_down), (r_gate, r_up, r_down) = layout.qtypes, layout.row_bytes
     gate_bytes, up_bytes, _ = layout.part_bytes
@@ -95,27 +107,73 @@ def expert_mlp(h: torch.Tensor, buf: torch.Tensor, layout: ExpertLayout) -> torc
     else:
         gate = dequant_matmul(h, buf[:gate_bytes].view(I, r_gate), q_gate, H)
         up = dequant_matmul(h, buf[gate_bytes : gate_bytes + up_bytes].view(I, r_up), q_up, H)
-    act = torch.nn.functional.silu(gate) * up  # [n, I], contiguous
-    return dequant_matmul(act, buf[gate_bytes + up_bytes :].view(H, r_down), q_down, I)
+    act = torch.nn.functional.silu(gate).mul_(up)  # [n, I], contiguous
+    return dequant_matmul(act, buf[gate_bytes + up_bytes :].view(H, r_down), q_down, I, out=out)
 
 
-def route_plan(ids: torch.Tensor, weights: torch.Tensor) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
-    """(expert, token rows [n] int64, routing weights [n] fp32) for each distinct expert in ``ids`` [T, k],
-    ascending; an id of -1 (the slot runs elsewhere) is skipped. One device-to-host sync (the counts)."""
+@dataclasses.dataclass(frozen=True)
+class RoutePlan:
+    """A batch's (token, slot) pairs grouped by expert, experts ascending, slots of id -1 left out.
+
+    ``tokens`` [P] int64 and ``weights`` [P] fp32 (on the batch's device) list the pairs expert after expert:
+    ``experts[i]`` owns pairs ``starts[i] : starts[i] + counts[i]``.
+    """
+
+    experts: list[int]
+    counts: list[int]
+    tokens: torch.Tensor
+    weights: torch.Tensor
+
+    @property
+    def starts(self) -> list[int]:
+        return [0, *itertools.accumulate(self.counts)][:-1]
+
+    def chunks(self, max_pairs: int) -> list[tuple[int, int]]:
+        """Runs of consecutive experts [first, last) holding at most ``max_pairs`` pairs (or one expert)."""
+        runs, first, pairs = [], 0, 0
+        for i, n in enumerate(self.counts):
+            if pairs and pairs + n > max_pairs:
+                runs.append((first, i))
+                first, pairs = i, 0
+            pairs += n
+        if self.counts:
+            runs.append((first, len(self.counts)))
+        return runs
+
+
+def route_plan(ids: torch.Tensor, weights: torch.Tensor) -> RoutePlan:
+    """Group the pairs of ``ids`` [T, k] (-1: the slot runs elsewhere) and ``weights`` [T, k] by expert.
+    One device-to-host sync (the experts and their counts)."""
     flat_ids = ids.flatten()
-    order = flat_ids.argsort(stable=True)  # (token, slot) pairs grouped by expert
+    order = flat_ids.argsort(stable=True)  # (token, slot) pairs grouped by expert, the -1 slots first
     experts, counts = flat_ids[order].unique_consecutive(return_counts=True)
-    sizes = counts.tolist()
-    rows = (order // ids.shape[1]).split(sizes)
-    routed = weights.flatten().float()[order].split(sizes)
-    return [(e, r, w) for e, r, w in zip(experts.tolist(), rows, routed) if e >= 0]
+    experts_host, counts_host = torch.stack((experts, counts)).tolist()
+    skip = counts_host[0] if experts_host and experts_host[0] < 0 else 0
+    if skip:
+        experts_host, counts_host = experts_host[1:], counts_host[1:]
+    order = order[skip:]
+    return RoutePlan(experts_host, counts_host, order // ids.shape[1], weights.flatten().float()[order])
 
 
-def accumulate_expert(out: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor,
-                      buf: torch.Tensor, layout: ExpertLayout) -> None:
-    """out[rows] += weights · expert(x[rows]): out [T, hidden] fp32, x [T, hidden], rows [n], weights [n] fp32."""
-    y = expert_mlp(x[rows], buf, layout)  # [n, hidden]
-    out.index_add_(0, rows, y.float() * weights[:, None])
+def accumulate_experts(out: torch.Tensor, x: torch.Tensor, plan: RoutePlan, first: int, last: int,
+                       expert_bytes: Callable[[int], torch.Tensor], layout: ExpertLayout) -> None:
+    """out[t] += Σ w · expert(x[t]) over the pairs of experts ``first:last`` of ``plan``: out [T, hidden] fp32,
+    x [T, hidden]; ``expert_bytes(e)`` gives expert e's bytes on the device (and may stage them), and is
+    called in order, once per expert, after the previous expert's kernels were enqueued."""
+    starts = plan.starts
+    lo = starts[first]
+    hi = starts[last - 1] + plan.counts[last - 1]
+    tokens = plan.tokens[lo:hi]
+    xs = x[tokens]  # [pairs, hidden]: each expert's rows are a contiguous slice
+    ys = torch.empty_like(xs)
+    spans = [(starts[i] - lo, starts[i] - lo + plan.counts[i]) for i in range(first, last)]
+    for i, (a, b) in zip(range(first, last), spans):
+        expert_mlp(xs[a:b], expert_bytes(plan.experts[i]), layout, out=ys[a:b])
+    weighted = ys.float().mul_(plan.weights[lo:hi, None])
+    # One index_add per expert: its tokens are distinct, so no two atomic adds meet and the sums come out in
+    # expert order, the same bits every run (one add for the chunk would race a token's k slots).
+    for a, b in spans:
+        out.index_add_(0, tokens[a:b], weighted[a:b])
 
 
 class ExpertStaging:
@@ -129,7 +187,7 @@ class ExpertStaging:
     Buffers are allocated at first use and grow to the largest expert asked for.
     """
 
-    def __init__(self, device: torch.device, slots: int = 2) -> None:
+    def __init__(self, device: torch.device, slots: int = 3) -> None:
         if device.type != "cuda" or slots < 1:
             raise ValueError(f"ExpertStaging needs a CUDA device and >= 1 slot; got {device}, slots={slots}")
         self.device, self.slots = device, slots
@@ -171,14 +229,15 @@ class ExpertStaging:
                 offset += part.numel()
             parts = [host[:nbytes]]
         compute = torch.cuda.current_stream(self.device)
-        assert self._stream is not None
-        with torch.cuda.stream(self._stream):
-            self._stream.wait_event(self._read[slot])
-            offset = 0
-            for part in parts:
-                dev[offset : offset + part.numel()].copy_(part.reshape(-1), non_blocking=True)
-                offset += part.numel()
-            self._copied[slot].record(self._stream)
+        stream = self._stream
+        assert stream is not None
+        stream.wait_event(self._read[slot])
+        driver, offset = cuda_driver(), 0
+        for part in parts:  # page-locked and contiguous: straight to the driver, no torch dispatch per copy
+            assert part.is_contiguous()
+            driver.copy_to_device(dev.data_ptr() + offset, part.data_ptr(), part.numel(), stream.cuda_stream)
+            offset += part.numel()
+        self._copied[slot].record(stream)
         compute.wait_event(self._copied[slot])
         return dev[:nbytes], slot
 
@@ -236,10 +295,19 @@ class GPUStreamedExperts:
         """Enqueue the experts of this batch (x [T, hidden] on the GPU); the host returns once the last
         expert's bytes are on their way."""
         out = torch.zeros(x.shape[0], self.layout.hidden, dtype=torch.float32, device=x.device)
-        x = x.contiguous()
-        for e, rows, w in route_plan(ids, weights):
+        plan = route_plan(ids, weights)
+        slot: int | None = None
+
+        def staged(e: int) -> torch.Tensor:
+            nonlocal slot
+            if slot is not None:  # the previous expert's kernels are enqueued: its slot may be refilled after them
+                self.staging.release(slot)
             buf, slot = self.staging.stage([raw[e] for raw in self._raw], pinned=self.direct)
-            accumulate_expert(out, x, rows, w, buf, self.layout)
+            return buf
+
+        for first, last in plan.chunks(CHUNK_PAIRS):
+            accumulate_experts(out, x, plan, first, last, staged, self.layout)
+        if slot is not None:
             self.staging.release(slot)
         self._out = out
 

@@ -33,6 +33,7 @@ class _SplitCall:
 
     counts: torch.Tensor  # [E] tokens per expert, host
     cpu_mask: torch.Tensor  # [E] bool, host: the CPU's experts
+    cpu_rows: torch.Tensor  # [T'] int64, device: the tokens the CPU's experts take (its output's rows)
     cpu_start: float  # perf_counter at the native submit
     gpu_start: torch.cuda.Event
     gpu_end: torch.cuda.Event
@@ -44,6 +45,7 @@ class SplitReport:
 
     cpu_experts: int
     gpu_experts: int
+    cpu_tokens: int  # the tokens sent to the CPU: those with at least one slot on its experts
     cpu_seconds: float
     gpu_seconds: float
 
@@ -140,14 +142,17 @@ class HybridRoutedExperts:
         if not bool(cpu_mask.any()):
             return False
         on_cpu = cpu_mask.to(ids.device)[ids.clamp(min=0)] & (ids >= 0)  # [T, k]
+        # The CPU gets only the tokens its experts take: its copies, quantization and output scale with its
+        # share, not with the batch.
+        cpu_rows = on_cpu.any(dim=1).nonzero().flatten()
         cpu_start = time.perf_counter()
-        self.cpu.submit(x, torch.where(on_cpu, ids, -1), weights)  # first: it syncs the stream, still idle
+        self.cpu.submit(x[cpu_rows], torch.where(on_cpu, ids, -1)[cpu_rows], weights[cpu_rows])  # syncs the idle stream
         stream = torch.cuda.current_stream(self.gpu.device)
         gpu_start, gpu_end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         gpu_start.record(stream)
         self.gpu.submit(x, torch.where(on_cpu, -1, ids), weights)
         gpu_end.record(stream)
-        self._split_call = _SplitCall(counts, cpu_mask, cpu_start, gpu_start, gpu_end)
+        self._split_call = _SplitCall(counts, cpu_mask, cpu_rows, cpu_start, gpu_start, gpu_end)
         return True
 
     def _wait_split(self) -> torch.Tensor:
@@ -162,6 +167,7 @@ class HybridRoutedExperts:
         self.crossover.split.record(call.counts, call.cpu_mask, cpu_seconds, gpu_seconds)
         active = call.counts > 0
         cpu_experts = int((active & call.cpu_mask).sum())
-        self.last_split = SplitReport(cpu_experts, int(active.sum()) - cpu_experts, cpu_seconds, gpu_seconds)
+        self.last_split = SplitReport(cpu_experts, int(active.sum()) - cpu_experts, call.cpu_rows.numel(), cpu_seconds,
+                                      gpu_seconds)
         logger.debug("split call: %s", self.last_split)
-        return out.add_(cpu_out)
+        return out.index_add_(0, call.cpu_rows, cpu_out)

@@ -133,6 +133,20 @@ def test_strided_rows_of_x(device: torch.device) -> None:
     _close(dequant_matmul(x, w, Q.Q8_0, K), dequant_matmul_reference(x, w, Q.Q8_0, K), torch.float32)
 
 
+@pytest.mark.parametrize("M", [2, GEMV_MAX_M + 5], ids=["gemv", "gemm"])
+def test_out_is_filled_in_place(M: int, device: torch.device) -> None:
+    K, N = 256, 48
+    w = random_rows(Q.Q4_K, N, K).to(device)
+    x = torch.randn(M, K).to(device)
+    rows = torch.full((M + 3, N), float("nan"), device=device)
+    y = dequant_matmul(x, w, Q.Q4_K, K, out=rows[1 : M + 1])  # a contiguous slice of a larger buffer
+    assert y.data_ptr() == rows[1].data_ptr()
+    _close(rows[1 : M + 1], dequant_matmul_reference(x, w, Q.Q4_K, K), torch.float32)
+    assert rows[0].isnan().all() and rows[M + 1 :].isnan().all()
+    with pytest.raises(ValueError, match=r"expected contiguous torch.float32 \[2, 48\]"):
+        dequant_matmul(x[:2], w, Q.Q4_K, K, out=torch.empty(2, 2 * N, device=device)[:, :N])
+
+
 @pytest.mark.parametrize(
     ("x", "w", "qtype", "match"),
     [

@@ -22,7 +22,7 @@ from ksdk.offload.gpu_experts import (
     ExpertStaging,
     GPUStreamedExperts,
     StreamCrossover,
-    accumulate_expert,
+    accumulate_experts,
     route_plan,
 )
 from ksdk.offload.options import ExpertOptions
@@ -77,9 +77,19 @@ def test_route_plan_groups_tokens_by_expert() -> None:
     ids = torch.tensor([[2, 0], [0, 3], [2, 3]])
     weights = torch.tensor([[0.1, 0.2], [0.3, 0.4], [0.5, 0.6]])
     plan = route_plan(ids, weights)
-    assert [e for e, _, _ in plan] == [0, 2, 3]
-    assert [rows.tolist() for _, rows, _ in plan] == [[0, 1], [0, 2], [1, 2]]
-    assert torch.cat([w for _, _, w in plan]).tolist() == pytest.approx([0.2, 0.3, 0.1, 0.5, 0.4, 0.6])
+    assert plan.experts == [0, 2, 3] and plan.counts == [2, 2, 2] and plan.starts == [0, 2, 4]
+    assert plan.tokens.tolist() == [0, 1, 0, 2, 1, 2]
+    assert plan.weights.tolist() == pytest.approx([0.2, 0.3, 0.1, 0.5, 0.4, 0.6])
+
+
+def test_route_plan_chunks_hold_whole_experts() -> None:
+    ids = torch.tensor([[0, 1], [0, 1], [0, 2], [3, 1]])  # counts: 0: 3, 1: 3, 2: 1, 3: 1
+    plan = route_plan(ids, torch.ones(4, 2))
+    assert plan.counts == [3, 3, 1, 1]
+    assert plan.chunks(4) == [(0, 1), (1, 3), (3, 4)]
+    assert plan.chunks(2) == [(0, 1), (1, 2), (2, 4)]  # an expert larger than the chunk stays whole
+    assert plan.chunks(100) == [(0, 4)]
+    assert route_plan(torch.full((2, 2), -1), torch.ones(2, 2)).chunks(4) == []
 
 
 @pytest.mark.parametrize("views", ["tiny", "mixed"])
@@ -95,8 +105,9 @@ def test_per_expert_math_matches_torch_experts(views: str, num_tokens: int) -> N
     ids = chosen[ids]
     x = torch.randn(num_tokens, layout.hidden, generator=torch.Generator().manual_seed(1))
     out = torch.zeros(num_tokens, layout.hidden)
-    for e, rows, w in route_plan(ids, weights):
-        accumulate_expert(out, x, rows, w, expert_bytes((gate, up, down), e), layout)
+    plan = route_plan(ids, weights)
+    for first, last in plan.chunks(max_pairs=num_tokens):  # two or more chunks: each gathers and adds back
+        accumulate_experts(out, x, plan, first, last, lambda e: expert_bytes((gate, up, down), e), layout)
     ref = TorchExperts(gate, up, down, torch.device("cpu"), torch.float32).forward(x, ids, weights)
     assert_close(out, ref, torch.float32)
 

@@ -19,10 +19,11 @@ def test_route_plan_skips_slots_marked_minus_one() -> None:
     ids = torch.tensor([[2, -1], [-1, 3], [2, 3]])
     weights = torch.tensor([[0.1, 0.2], [0.3, 0.4], [0.5, 0.6]])
     plan = route_plan(ids, weights)
-    assert [e for e, _, _ in plan] == [2, 3]
-    assert [rows.tolist() for _, rows, _ in plan] == [[0, 2], [1, 2]]
-    assert torch.cat([w for _, _, w in plan]).tolist() == pytest.approx([0.1, 0.5, 0.4, 0.6])
-    assert route_plan(torch.full((2, 2), -1), weights[:2]) == []
+    assert plan.experts == [2, 3] and plan.counts == [2, 2]
+    assert plan.tokens.tolist() == [0, 2, 1, 2]
+    assert plan.weights.tolist() == pytest.approx([0.1, 0.5, 0.4, 0.6])
+    empty = route_plan(torch.full((2, 2), -1), weights[:2])
+    assert empty.experts == [] and empty.tokens.numel() == 0
 
 
 # ---- on a GPU ----
@@ -102,6 +103,9 @@ def test_split_call_equals_its_cpu_and_gpu_parts_and_the_cpu_alone() -> None:
     split_out = hybrid.wait()
 
     on_cpu = cpu_mask.cuda()[ids]
+    report = hybrid.last_split
+    assert report is not None and report.cpu_tokens == int(on_cpu.any(dim=1).sum()) < 64  # only its tokens
+    assert report.cpu_experts == int(cpu_mask.sum()) and report.cpu_experts + report.gpu_experts == int((counts > 0).sum())
     hybrid.cpu.submit(x, torch.where(on_cpu, ids, -1), weights)
     cpu_part = hybrid.cpu.wait()
     hybrid.gpu.submit(x, torch.where(on_cpu, -1, ids), weights)
