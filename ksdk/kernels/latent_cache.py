@@ -15,6 +15,7 @@ import triton.language as tl
 
 from ksdk.kernels.rms_norm import normalize_row, rms_norm_reference
 from ksdk.kernels.rotary import rotary_reference, rotate_pairs
+from ksdk.kernels.rounding import round_to
 
 __all__ = ["write_latent", "write_latent_reference"]
 
@@ -42,8 +43,8 @@ def _write_latent_kernel(kv_ptr, w_ptr, cos_ptr, sin_ptr, pages_ptr, slot_ptr, s
         w = tl.load(w_ptr + r, mask=r_ok, other=0.0).to(tl.float32)
         y = normalize_row(c_kv.to(tl.float32), w, RANK, eps, c_kv.dtype)
         if C_ROUND:  # torch's weight * x result is x's dtype (else fp32: no rounding before the cache cast)
-            y = y.to(c_kv.dtype)
-        tl.store(out + r, y.to(pages_ptr.dtype.element_ty), mask=r_ok)
+            y = round_to(y, c_kv.dtype)
+        tl.store(out + r, round_to(y, pages_ptr.dtype.element_ty).to(pages_ptr.dtype.element_ty), mask=r_ok)
         i = tl.arange(0, BLOCK_P)
         i_ok = i < HALF
         even = tl.load(row + RANK + 2 * i, mask=i_ok, other=0.0)

@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ksdk.kernels.rounding import round_to
+
 __all__ = ["add_rms_norm", "add_rms_norm_reference", "rms_norm", "rms_norm_reference"]
 
 
@@ -35,7 +37,7 @@ def normalize_row(x, w, n_cols, eps, ROUND: tl.constexpr):
     """x [BLOCK] fp32 (zero past n_cols), w [BLOCK] fp32 -> w · round(x · rsqrt(mean(x²) + eps)) in fp32;
     ``ROUND`` is x's storage dtype (rounding to it is what the torch code does before the multiply)."""
     rstd = 1.0 / tl.sqrt_rn(tl.sum(x * x, axis=0) / n_cols + eps)
-    return w * (x * rstd).to(ROUND).to(tl.float32)
+    return w * round_to(x * rstd, ROUND)
 
 
 @triton.jit
@@ -47,10 +49,10 @@ def _rms_norm_kernel(x_ptr, delta_ptr, sum_ptr, w_ptr, y_ptr, n_cols, stride_x, 
     x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0)
     if HAS_DELTA:  # the residual add, rounded to the stream's dtype as torch's add is
         d = tl.load(delta_ptr + row * stride_d + cols, mask=ok, other=0.0)
-        x = (x.to(tl.float32) + d.to(tl.float32)).to(x.dtype)
+        x = round_to(x.to(tl.float32) + d.to(tl.float32), x.dtype).to(x.dtype)
         tl.store(sum_ptr + row * stride_s + cols, x, mask=ok)
     w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
-    y = normalize_row(x.to(tl.float32), w, n_cols, eps, x.dtype)
+    y = round_to(normalize_row(x.to(tl.float32), w, n_cols, eps, x.dtype), y_ptr.dtype.element_ty)
     tl.store(y_ptr + row * stride_y + cols, y.to(y_ptr.dtype.element_ty), mask=ok)
 
 

@@ -3,8 +3,9 @@
 For each token t and pair i of a row x [..., R] (R = rope dim), with c = cos[t, i] and s = sin[t, i] rounded to
 x's dtype: ``out[i] = x[2i]·c − x[2i+1]·s`` and ``out[R/2 + i] = x[2i+1]·c + x[2i]·s``, written de-interleaved
 (evens then odds) over x itself. Every product and sum is rounded to x's dtype, as the eager torch ops of
-:meth:`ksdk.layers.rotary.RotaryEmbedding.apply` (the reference) round them, so half-precision results are
-bit-identical; in fp32 only a fused multiply-add the compiler may form moves the last bit.
+:meth:`ksdk.layers.rotary.RotaryEmbedding.apply` (the reference) round them (:mod:`ksdk.kernels.rounding`), so
+bf16 results are bit-identical; in fp32 (and possibly fp16) a fused multiply-add the compiler may form moves
+the last bit.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from ksdk.kernels.rounding import round_to
 
 __all__ = ["rotary_", "rotary_reference"]
 
@@ -27,11 +30,10 @@ def rotary_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
 def rotate_pairs(even, odd, cos, sin, ROUND: tl.constexpr):
     """fp32 pairs and fp32 cos/sin -> (first half, second half) in fp32, every step rounded to ``ROUND``
     (the storage dtype the eager torch ops would produce at each step)."""
-    c = cos.to(ROUND).to(tl.float32)
-    s = sin.to(ROUND).to(tl.float32)
-    ec, os_ = (even * c).to(ROUND).to(tl.float32), (odd * s).to(ROUND).to(tl.float32)
-    oc, es = (odd * c).to(ROUND).to(tl.float32), (even * s).to(ROUND).to(tl.float32)
-    return (ec - os_).to(ROUND).to(tl.float32), (oc + es).to(ROUND).to(tl.float32)
+    c, s = round_to(cos, ROUND), round_to(sin, ROUND)
+    ec, os_ = round_to(even * c, ROUND), round_to(odd * s, ROUND)
+    oc, es = round_to(odd * c, ROUND), round_to(even * s, ROUND)
+    return round_to(ec - os_, ROUND), round_to(oc + es, ROUND)
 
 
 @triton.jit

@@ -24,8 +24,6 @@ def test_rotary_matches_reference_in_place(shape: tuple[int, ...], dtype: torch.
     assert out is x
     if dtype == torch.float32:  # a fused multiply-add the compiler may form moves the last bit
         torch.testing.assert_close(x, ref, rtol=1e-6, atol=1e-6)
-    elif dtype == torch.bfloat16 and not x.is_cuda:  # the interpreter truncates fp32 -> bf16 casts (triton 3.9)
-        torch.testing.assert_close(x, ref, rtol=1.6e-2, atol=1e-2)
     else:  # every step rounded as the eager ops round it: bit-identical
         assert torch.equal(x, ref)
 
