@@ -75,7 +75,7 @@ def test_serves_decode_batches_up_to_32_only(graphs: DecodeGraphs) -> None:
 
 def test_a_recorded_host_call_error_is_raised_once(graphs: DecodeGraphs, monkeypatch: pytest.MonkeyPatch) -> None:
     errors = iter(["topk_ids[0, 1] = 99 is out of range", ""])
-    monkeypatch.setattr(graphs, "_log", types.SimpleNamespace(take_error=lambda: next(errors)))
+    monkeypatch.setattr(graphs, "_log", types.SimpleNamespace(take_error=lambda: next(errors), new_step=lambda: None))
     kv = [torch.zeros(1)]
     with pytest.raises(InvalidRequestError, match="captured decode step failed: topk_ids.*out of range"):
         step(graphs, [10], kv)
