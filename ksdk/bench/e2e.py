@@ -8,7 +8,8 @@ would (``device="cuda"``: non-expert weights as GGUF blocks on the GPU, experts 
 - GPU memory, and the time in CPU experts vs the rest (GPU work plus transfers): per layer for eager MoE layers
   (``--graphs attention`` or ``off``); per step for the whole-step CUDA graph (``--graphs step``, the default),
   where the experts are timed inside the native host call and the GPU side is a step whose host calls skip
-  the experts (zero their output) with every copy and host-node round trip kept;
+  the experts (zero their output) with every copy and host round trip kept (``--host-calls`` picks how the
+  graph hands the experts to the CPU: doorbells a native thread polls, or the driver's host nodes);
 - for prefill, where the routed experts ran (CPU, or streamed to the GPU from the measured crossover on, with
   the CPU-only figure beside it) and that crossover;
 - the decode step extrapolated to R1's 61 layers (3 dense + 58 MoE), beside the host-bandwidth floor:
@@ -40,6 +41,7 @@ from ksdk.layers.moe import RoutedExperts
 from ksdk.models import DeepseekForCausalLM, load_model
 from ksdk.models.deepseek import CUDA_GRAPH_MODES
 from ksdk.offload.cpu_experts import default_num_threads
+from ksdk.offload.host_call import HOST_CALL_MODES
 from ksdk.offload.native import load_native
 from ksdk.offload.options import EXPERT_MEMORY, ExpertOptions
 from ksdk.offload.routed import HybridRoutedExperts, NativeRoutedExperts
@@ -69,6 +71,7 @@ class E2EConfig:
     profile: bool = False  # torch.profiler's op tables: a decode step at the first batch size, the longest prefill
     cuda_graphs: tuple[str, ...] = ("step",)  # DeepseekForCausalLM.cuda_graphs modes, one decode table each
     expert_memory: str = "mmap"  # ExpertOptions.memory: where the routed experts' bytes live
+    host_calls: tuple[str, ...] = ("doorbell",)  # DecodeGraphs.host_calls modes, one step-graph table each
 
 
 def _r1_config() -> dict:
@@ -446,12 +449,14 @@ class _Floor:
 
 
 def _decode_table_step_graph(runner: _Runner, spec: TinyModelSpec, config: E2EConfig, floor: _Floor,
-                             full_dense: int) -> None:
+                             full_dense: int, host_calls: str) -> None:
     """Decode replayed from the whole-step graph. The 61-layer estimate is this step plus the layers it lacks,
     each at its own measured cost (StepTimes.r1_ms): a MoE layer's experts and the span between two host calls,
     a dense layer from the span before the first host call (``_run`` checks the model has both kinds)."""
     moe_layers, dense_layers = spec.num_layers - spec.num_dense_layers, spec.num_dense_layers
-    print(f"decode replayed from one CUDA graph per step (routed experts as host nodes):")
+    runner.model.decode_graphs.host_calls = host_calls  # type: ignore[union-attr]
+    how = {"doorbell": "doorbells served by a native thread", "driver": "driver host nodes"}[host_calls]
+    print(f"decode replayed from one CUDA graph per step (routed experts through {how}):")
     print(f"{'decode':>8} {'tok/s':>8} {'ms/step':>8} | {'experts ms':>10} {'MoE gap':>7} {'lead':>6} "
           f"{'GPU side':>8} {'rest ms':>7} | {'61-layer tok/s':>14} {'floor tok/s':>11} {'share':>6}")
     rows = []
@@ -465,7 +470,7 @@ def _decode_table_step_graph(runner: _Runner, spec: TinyModelSpec, config: E2ECo
               f"{floor_tps:>11.2f} {full_tps / floor_tps:>6.0%}", flush=True)
     print(f"\n{'decode':>8} {'61-layer ms':>11} {'of it experts':>13} {'non-expert/experts':>18}   (experts: time "
           f"inside the native host calls; MoE gap: from one host call's end to the next one's start, a MoE layer's "
-          f"GPU work with its copies and host-node round trip; lead: launch to the first host call, the dense "
+          f"GPU work with its copies and host round trip; lead: launch to the first host call, the dense "
           f"layers and the first attention; GPU side: a step whose host calls skip the experts)")
     for batch, t, full_ms in rows:
         experts = floor.moe_layers * t.experts_ms / moe_layers
@@ -585,7 +590,8 @@ def run_e2e(config: E2EConfig) -> None:
     for mode in config.cuda_graphs:
         model.cuda_graphs = mode  # type: ignore[assignment]
         if device.type == "cuda" and mode == "step" and model.decode_graphs and model.decode_graphs.capturable:
-            _decode_table_step_graph(runner, spec, config, floor, full_dense)
+            for host_calls in config.host_calls:
+                _decode_table_step_graph(runner, spec, config, floor, full_dense, host_calls)
         else:
             print(f"decode with {'eager' if device.type != 'cuda' or mode == 'off' else 'per-layer attention-graph'}"
                   f" launches, MoE layers eager (sync, submit, wait):")
@@ -671,6 +677,13 @@ def _graph_modes(text: str) -> tuple[str, ...]:
     return modes
 
 
+def _host_call_modes(text: str) -> tuple[str, ...]:
+    modes = tuple(m.strip() for m in text.split(",") if m.strip())
+    if not modes or any(m not in HOST_CALL_MODES for m in modes):
+        raise argparse.ArgumentTypeError(f"{text!r}: modes are {', '.join(HOST_CALL_MODES)}")
+    return modes
+
+
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -685,7 +698,7 @@ def _run(args: argparse.Namespace) -> int:
     run_e2e(E2EConfig(layers=args.layers, dense_layers=args.dense_layers, batches=args.batches,
                       prefill=args.prefill, context=args.context, decode_steps=args.steps, device=args.device,
                       dtype=_DTYPES[args.dtype], small=args.small, profile=args.profile,
-                      cuda_graphs=args.graphs, expert_memory=args.expert_memory))
+                      cuda_graphs=args.graphs, expert_memory=args.expert_memory, host_calls=args.host_calls))
     return 0
 
 
@@ -717,4 +730,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                         help="comma-separated CUDA-graph modes, one decode table each: step (the whole decode step, "
                              "routed experts as host nodes), attention (per-layer attention graphs, eager MoE), "
                              "off (default step)")
+    parser.add_argument("--host-calls", type=_host_call_modes, default=defaults.host_calls,
+                        help="comma-separated ways the step graph runs the routed experts, one decode table each: "
+                             "doorbell (a native thread polls pinned memory the step writes), driver (host nodes "
+                             "on the CUDA driver's thread) (default doorbell)")
     parser.set_defaults(run=_run)

@@ -19,6 +19,7 @@ from ksdk.layers.linear import MLP
 if TYPE_CHECKING:
     from ksdk.models.config import ModelConfig
     from ksdk.offload.gpu_experts import ExpertStaging, StreamCrossover
+    from ksdk.offload.host_call import DoorbellServer
     from ksdk.offload.options import ExpertOptions
     from ksdk.offload.routed import NativeRoutedExperts
     from ksdk.weights.gguf_file import TensorView
@@ -126,10 +127,12 @@ class TorchExperts:
 @dataclasses.dataclass(frozen=True)
 class MoEStepContext:
     """What every MoE layer of a captured decode step shares: the native log its host calls report to
-    (errors, time in experts) and the side stream its shared expert forks onto."""
+    (errors, time in experts), the side stream its shared expert forks onto, and the doorbell server that
+    runs its host calls (None: the driver's host nodes run them)."""
 
     log: object  # ksdk._native.HostCallLog
     side_stream: torch.cuda.Stream
+    server: DoorbellServer | None = None
 
 
 class MoE(torch.nn.Module):
@@ -155,8 +158,9 @@ class MoE(torch.nn.Module):
         return experts if isinstance(experts, NativeRoutedExperts) else None
 
     def decode_step(self, x: torch.Tensor, ctx: MoEStepContext) -> torch.Tensor:
-        """forward() as stream-ordered work only (capturable): the routed experts as a host node on the
-        current stream, the shared expert forked onto ``ctx.side_stream`` meanwhile. Same numerics."""
+        """forward() as stream-ordered work only (capturable): the routed experts as host work on the
+        current stream (``ksdk.offload.host_call``), the shared expert forked onto ``ctx.side_stream``
+        meanwhile. Same numerics."""
         experts = self.host_experts()
         assert experts is not None, "decode_step needs native routed experts"
         main = torch.cuda.current_stream(x.device)
@@ -166,7 +170,7 @@ class MoE(torch.nn.Module):
             with torch.cuda.stream(ctx.side_stream):
                 shared = self.shared(x)
         ids, weights = self.router(x)
-        out = experts.enqueue(x, ids, weights, ctx.log).to(x.dtype)
+        out = experts.enqueue(x, ids, weights, ctx.log, ctx.server).to(x.dtype)
         if shared is None:
             return out
         main.wait_stream(ctx.side_stream)  # join
@@ -178,6 +182,7 @@ def gpu_streaming(device: torch.device, options: ExpertOptions) -> tuple[ExpertS
     if device.type != "cuda" or options.gpu_stream_threshold == 0:
         return None
     from ksdk.offload.gpu_experts import ExpertStaging, StreamCrossover
+    from ksdk.offload.host_call import DoorbellServer
 
     return ExpertStaging(device), StreamCrossover(options.gpu_stream_threshold)
 

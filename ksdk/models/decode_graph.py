@@ -1,12 +1,13 @@
 """The whole decode step as one CUDA graph: from the hidden states after the embedding to the logits.
 
 One graph per batch size (up to GRAPH_MAX_BATCH) and length bucket, captured lazily at the first step of
-that shape; all share one memory pool. The routed experts run inside the graph as host nodes
-(``ksdk.offload.host_call``), so a replay is a few copies into static buffers plus ``graph.replay()``: no
-Python and no host sync per layer. The step ends with one host wait, after which the native log is read
-for errors the experts raised on the driver's thread. That wait blocks (a blocking-sync event) rather than
-spinning as a plain stream sync does: a spinning host thread takes a core from the expert workers for the
-whole step, and one descheduled worker stalls every phase barrier of every layer.
+that shape; all share one memory pool. The routed experts run inside the graph as host work
+(``ksdk.offload.host_call``: a native server thread answering doorbells, or the driver's host nodes), so a
+replay is a few copies into static buffers plus ``graph.replay()``: no Python and no host sync per layer.
+The step ends with one host wait, after which the native log is read for errors the experts raised on the
+server's thread. That wait blocks (a blocking-sync event) rather than spinning as a plain stream sync does:
+a spinning host thread takes a core from the expert workers for the whole step, and one descheduled worker
+stalls every phase barrier of every layer.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ksdk.errors import InvalidRequestError
 from ksdk.layers.attention_metadata import AttentionMetadata
 from ksdk.layers.mla import GRAPH_MAX_BATCH, GRAPH_POOL, copy_page_table, length_bucket
 from ksdk.layers.moe import MoE, MoEStepContext
-from ksdk.offload.host_call import raise_if_failed
+from ksdk.offload.host_call import HOST_CALL_MODES, DoorbellServer, raise_if_failed
 from ksdk.offload.native import load_native
 
 if TYPE_CHECKING:
@@ -33,7 +35,8 @@ class _CapturedStep:
     buffers before each replay; ``logits`` is a static buffer the next replay overwrites."""
 
     def __init__(self, model: DeepseekForCausalLM, x: torch.Tensor, positions: torch.Tensor,
-                 meta: AttentionMetadata, kv_cache: list[torch.Tensor], bucket: int, ctx: MoEStepContext) -> None:
+                 meta: AttentionMetadata, kv_cache: list[torch.Tensor], bucket: int, ctx: MoEStepContext,
+                 num_host_calls: int) -> None:
         B = x.shape[0]
         self.x, self.positions = x.clone(), positions.clone()  # [B, hidden], [B]
         page_table = meta.page_table.new_zeros(B, -(-bucket // meta.page_size))  # as wide as the bucket needs
@@ -50,10 +53,16 @@ class _CapturedStep:
         device = x.device
         warm = torch.cuda.Stream(device)
         warm.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(warm):
-            run()
-        torch.cuda.current_stream(device).wait_stream(warm)
-        torch.cuda.synchronize(device)
+        if ctx.server is not None:
+            ctx.server.arm(num_host_calls)
+        try:
+            with torch.cuda.stream(warm):
+                run()
+            torch.cuda.current_stream(device).wait_stream(warm)
+            torch.cuda.synchronize(device)
+        finally:
+            if ctx.server is not None:
+                ctx.server.finish()
         raise_if_failed(ctx.log)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=GRAPH_POOL.handle):
@@ -81,6 +90,7 @@ class DecodeGraphs:
     def __init__(self, model: DeepseekForCausalLM) -> None:
         self.model = model
         self._log: object | None = None
+        self._host_calls = "doorbell"
         self._ctx: MoEStepContext | None = None
         self._graphs: dict[tuple[int, int], _CapturedStep] = {}  # (batch, bucket)
         self._kv_cache: list[torch.Tensor] | None = None  # the cache the graphs read and write
@@ -94,6 +104,25 @@ class DecodeGraphs:
         if self._log is None:
             self._log = load_native().HostCallLog()
         return self._log
+
+    @property
+    def host_calls(self) -> str:
+        """How the graphs run the routed experts (``ksdk.offload.host_call``): "doorbell" (default: a native
+        server thread polls pinned memory the step writes) or "driver" (host nodes on the driver's thread).
+        Setting it drops the captured steps."""
+        return self._host_calls
+
+    @host_calls.setter
+    def host_calls(self, mode: str) -> None:
+        if mode not in HOST_CALL_MODES:
+            raise InvalidRequestError(f"host_calls={mode!r}; allowed: {', '.join(HOST_CALL_MODES)}")
+        if mode != self._host_calls:
+            self.clear()
+            self._ctx = None
+            self._host_calls = mode
+
+    def _num_host_calls(self) -> int:
+        return sum(isinstance(layer.ffn, MoE) for layer in self.model.layers)
 
     @property
     def capturable(self) -> bool:
@@ -125,13 +154,23 @@ class DecodeGraphs:
         step = self._graphs.get(key)
         if step is None:
             if self._ctx is None:
-                self._ctx = MoEStepContext(self.log, torch.cuda.Stream(x.device))
-            step = self._graphs[key] = _CapturedStep(self.model, x, positions, meta, kv_cache, bucket, self._ctx)
+                server = DoorbellServer() if self._host_calls == "doorbell" else None
+                self._ctx = MoEStepContext(self.log, torch.cuda.Stream(x.device), server)
+            step = self._graphs[key] = _CapturedStep(self.model, x, positions, meta, kv_cache, bucket, self._ctx,
+                                                     self._num_host_calls())
+        server = self._ctx.server if self._ctx is not None else None
         self.log.new_step()  # type: ignore[attr-defined]
-        logits = step.replay(x, positions, meta).clone()  # the static buffer is overwritten by the next replay
-        if self._done is None:
-            self._done = torch.cuda.Event(blocking=True)
-        self._done.record(torch.cuda.current_stream(x.device))
-        self._done.synchronize()  # the host calls have run: their errors are final
+        try:
+            logits = step.replay(x, positions, meta)
+            if server is not None:
+                server.arm(self._num_host_calls())  # after the launch: the first doorbell comes a layer later
+            logits = logits.clone()  # the static buffer is overwritten by the next replay
+            if self._done is None:
+                self._done = torch.cuda.Event(blocking=True)
+            self._done.record(torch.cuda.current_stream(x.device))
+            self._done.synchronize()  # the host calls have run: their errors are final
+        finally:
+            if server is not None:
+                server.finish()
         raise_if_failed(self.log)
         return logits

@@ -1,11 +1,18 @@
-"""Routed experts as a host node inside a captured CUDA graph.
+"""Routed experts as host work inside a captured CUDA graph.
 
 In a captured decode step each MoE layer (a) copies x, expert ids and weights into fixed pinned host
-buffers, (b) enqueues the native ``ksdk_moe_host_call`` with the driver's ``cuLaunchHostFunc`` (a capturing
-stream records it as a host node; the driver runs it on its own thread, in stream order, without the GIL)
-and (c) copies the pinned output back. The copies go through the driver as well (``cuMemcpy*Async`` on the
-same stream), so that capture involves none of torch's pinned-memory bookkeeping. Errors and the time spent
-in the experts land in a native ``HostCallLog`` that :func:`raise_if_failed` reads after the step.
+buffers, (b) hands the native experts the call and waits for them, in stream order, and (c) copies the
+pinned output back. Step (b) takes one of two forms (``HOST_CALL_MODES``):
+
+- ``"doorbell"`` (the default): the stream writes the call's id into a pinned word that a native server
+  thread spins on (``cuStreamWriteValue32``), and waits until the server writes the id into a second word
+  (``cuStreamWaitValue32``): the GPU and the thread only poll memory (:class:`DoorbellServer`).
+- ``"driver"``: ``ksdk_moe_host_call`` as a host node (``cuLaunchHostFunc``): the driver runs it on its own
+  thread, which the GPU has to wake and whose return releases the stream, twice through the driver.
+
+The copies go through the driver as well (``cuMemcpy*Async`` on the same stream), so that capture involves
+none of torch's pinned-memory bookkeeping. Errors and the time spent in the experts land in a native
+``HostCallLog`` that :func:`raise_if_failed` reads after the step.
 """
 
 from __future__ import annotations
@@ -22,7 +29,10 @@ from ksdk.offload.native import load_native
 if TYPE_CHECKING:
     from ksdk.offload.cpu_experts import CPUExperts
 
-__all__ = ["CudaDriver", "ExpertHostCall", "cuda_driver", "raise_if_failed"]
+__all__ = ["HOST_CALL_MODES", "CudaDriver", "DoorbellServer", "ExpertHostCall", "cuda_driver", "raise_if_failed"]
+
+HOST_CALL_MODES = ("doorbell", "driver")
+_WAIT_VALUE_EQ = 0x1  # CU_STREAM_WAIT_VALUE_EQ
 
 
 class CudaDriver:
@@ -35,7 +45,12 @@ class CudaDriver:
         lib.cuMemcpyDtoHAsync_v2.argtypes = [vp, ctypes.c_uint64, size, vp]
         lib.cuMemcpyHtoDAsync_v2.argtypes = [ctypes.c_uint64, vp, size, vp]
         lib.cuGetErrorName.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
-        for fn in (lib.cuLaunchHostFunc, lib.cuMemcpyDtoHAsync_v2, lib.cuMemcpyHtoDAsync_v2, lib.cuGetErrorName):
+        u32 = ctypes.c_uint32
+        lib.cuStreamWriteValue32_v2.argtypes = [vp, ctypes.c_uint64, u32, ctypes.c_uint]
+        lib.cuStreamWaitValue32_v2.argtypes = [vp, ctypes.c_uint64, u32, ctypes.c_uint]
+        lib.cuMemHostGetDevicePointer_v2.argtypes = [ctypes.POINTER(ctypes.c_uint64), vp, ctypes.c_uint]
+        for fn in (lib.cuLaunchHostFunc, lib.cuMemcpyDtoHAsync_v2, lib.cuMemcpyHtoDAsync_v2, lib.cuGetErrorName,
+                   lib.cuStreamWriteValue32_v2, lib.cuStreamWaitValue32_v2, lib.cuMemHostGetDevicePointer_v2):
             fn.restype = ctypes.c_int
 
     def _check(self, result: int, what: str) -> None:
@@ -53,6 +68,21 @@ class CudaDriver:
     def copy_to_device(self, dst: int, src: int, nbytes: int, stream: int) -> None:
         self._check(self._lib.cuMemcpyHtoDAsync_v2(dst, src, nbytes, stream), "cuMemcpyHtoDAsync")
 
+    def write_value(self, stream: int, address: int, value: int) -> None:
+        """Write a uint32 in stream order, after the stream's earlier work (and its writes) completed."""
+        self._check(self._lib.cuStreamWriteValue32_v2(stream, address, value, 0), "cuStreamWriteValue32")
+
+    def wait_value(self, stream: int, address: int, value: int) -> None:
+        """Hold the stream until the uint32 at ``address`` equals ``value``."""
+        self._check(self._lib.cuStreamWaitValue32_v2(stream, address, value, _WAIT_VALUE_EQ), "cuStreamWaitValue32")
+
+    def device_address(self, host_pointer: int) -> int:
+        """The device address of pinned host memory."""
+        address = ctypes.c_uint64()
+        self._check(self._lib.cuMemHostGetDevicePointer_v2(ctypes.byref(address), host_pointer, 0),
+                    "cuMemHostGetDevicePointer")
+        return address.value
+
 
 @functools.cache
 def cuda_driver() -> CudaDriver:
@@ -63,15 +93,45 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+class DoorbellServer:
+    """The native HostCallServer on two words of pinned memory (each on its own cache line), for the host
+    calls of one set of step graphs. A step is served between :meth:`arm` and :meth:`finish`."""
+
+    def __init__(self) -> None:
+        self._words = torch.zeros(32, dtype=torch.int32, pin_memory=True)
+        self._native = load_native().HostCallServer(self._words[0:].data_ptr(), self._words[16:].data_ptr())
+        driver = cuda_driver()
+        self.doorbell = driver.device_address(self._words[0:].data_ptr())
+        self.done = driver.device_address(self._words[16:].data_ptr())
+
+    def add(self, native_call: object) -> int:
+        return self._native.add(native_call)
+
+    def arm(self, num_calls: int) -> None:
+        """Serve the next ``num_calls`` calls (from the step just launched, or about to be)."""
+        self._native.arm(num_calls)
+
+    def finish(self, timeout_s: float = 5.0) -> None:
+        """After the step's stream drained: every armed call was served, or RuntimeError (the server is
+        released either way)."""
+        if not self._native.finish(int(timeout_s * 1e3)):
+            raise RuntimeError("a captured decode step rang fewer doorbells than it has MoE layers")
+
+    @property
+    def served(self) -> int:
+        return self._native.served
+
+
 class ExpertHostCall:
-    """One MoE layer's routed experts for ``num_tokens`` tokens as a stream-ordered host call.
+    """One MoE layer's routed experts for ``num_tokens`` tokens as stream-ordered host work: through
+    ``server``'s doorbell, or as a host node of the driver when ``server`` is None.
 
     The pinned buffers and the native call bound to them live as long as this object: a graph that
     captured :meth:`enqueue` must not outlive it.
     """
 
     def __init__(self, experts: CPUExperts, log: object, num_tokens: int, top_k: int, x_dtype: torch.dtype,
-                 device: torch.device) -> None:
+                 device: torch.device, server: DoorbellServer | None = None) -> None:
         if x_dtype not in (torch.float32, torch.bfloat16):
             raise InvalidRequestError(f"x_dtype={x_dtype}; the native experts read float32 or bfloat16")
         native = load_native()
@@ -85,6 +145,8 @@ class ExpertHostCall:
                                      self.ids.data_ptr(), True, self.weights.data_ptr(), self.out.data_ptr(),
                                      num_tokens, top_k, H)
         self._fn = native.moe_host_call_address()
+        self.server = server
+        self._id = server.add(self._call) if server is not None else 0
 
     def enqueue(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """On the current stream (capturable): x [T, H] in x_dtype, ids [T, k] int64, weights [T, k] fp32
@@ -96,7 +158,12 @@ class ExpertHostCall:
         driver = cuda_driver()
         for host, dev in ((self.x, x), (self.ids, ids), (self.weights, weights)):
             driver.copy_to_host(host.data_ptr(), dev.data_ptr(), _nbytes(host), stream)
-        driver.launch_host_func(stream, self._fn, self._call.address)
+        if self.server is None:
+            driver.launch_host_func(stream, self._fn, self._call.address)
+        else:
+            driver.write_value(stream, self.server.doorbell, self._id)
+            driver.wait_value(stream, self.server.done, self._id)
+            driver.write_value(stream, self.server.done, 0)  # before the next doorbell: see HostCallServer
         out = torch.empty(self.out.shape, dtype=torch.float32, device=self.device)
         driver.copy_to_device(out.data_ptr(), self.out.data_ptr(), _nbytes(out), stream)
         return out

@@ -20,7 +20,7 @@ from ksdk.offload.cpu_experts import CPUExperts
 from ksdk.offload.hybrid import HybridRoutedExperts
 
 if TYPE_CHECKING:
-    from ksdk.offload.host_call import ExpertHostCall
+    from ksdk.offload.host_call import DoorbellServer, ExpertHostCall
 
 __all__ = ["HybridRoutedExperts", "NativeRoutedExperts"]
 
@@ -32,8 +32,9 @@ class NativeRoutedExperts:
         self.experts, self.device = experts, device
         self._buffers: dict[str, torch.Tensor] = {}
         self._out: torch.Tensor | None = None
-        # (tokens, k, x dtype, id(log)) -> buffers and native call; never replaced: captured graphs point at them
-        self._host_calls: dict[tuple[int, int, torch.dtype, int], ExpertHostCall] = {}
+        # (tokens, k, x dtype, id(log), id(server)) -> buffers and native call; never replaced: captured graphs
+        # point at them
+        self._host_calls: dict[tuple[int, int, torch.dtype, int, int], ExpertHostCall] = {}
 
     def _host(self, key: str, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """A host buffer of ``like``'s shape (pinned when the model is on a GPU), grown as batches grow."""
@@ -66,18 +67,20 @@ class NativeRoutedExperts:
         out, self._out = self._out, None
         return out if self.device.type == "cpu" else out.to(self.device, non_blocking=True)
 
-    def enqueue(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, log: object) -> torch.Tensor:
+    def enqueue(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, log: object,
+                server: DoorbellServer | None = None) -> torch.Tensor:
         """The routed output [T, hidden] fp32 as stream-ordered work on the current CUDA stream (capturable:
-        copies to fixed pinned buffers, a host call into the native experts, the copy back). Errors go to
-        ``log`` (a native HostCallLog). The buffers of each batch size are kept for the graphs that use them."""
+        copies to fixed pinned buffers, the native experts through ``server``'s doorbell or, without one, as a
+        driver host node, the copy back). Errors go to ``log`` (a native HostCallLog). The buffers of each
+        batch size are kept for the graphs that use them."""
         from ksdk.offload.host_call import ExpertHostCall
 
         x_dtype = x.dtype if x.dtype in (torch.float32, torch.bfloat16) else torch.float32
-        key = (x.shape[0], ids.shape[1], x_dtype, id(log))  # each entry keeps its log alive: ids stay unique
+        key = (x.shape[0], ids.shape[1], x_dtype, id(log), id(server))  # entries keep both alive: ids stay unique
         call = self._host_calls.get(key)
         if call is None:
             assert not torch.cuda.is_current_stream_capturing(), "pinned buffers are allocated before capture"
             call = self._host_calls[key] = ExpertHostCall(self.experts, log, x.shape[0], ids.shape[1], x_dtype,
-                                                          self.device)
+                                                          self.device, server)
         return call.enqueue(x, ids, weights)
 

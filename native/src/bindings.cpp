@@ -60,6 +60,12 @@ struct NativeHostCall {
   HostCall call;
 };
 
+// The doorbell server and the host calls it serves (kept alive as long as it).
+struct NativeHostCallServer {
+  std::vector<py::object> calls;
+  std::unique_ptr<HostCallServer> server;
+};
+
 }  // namespace
 }  // namespace ksdk
 
@@ -173,4 +179,29 @@ PYBIND11_MODULE(_native, m) {
            "num_tokens"_a, "top_k"_a, "hidden"_a)
       .def_property_readonly("address",
                              [](NativeHostCall& self) { return reinterpret_cast<uintptr_t>(&self.call); });
+  py::class_<NativeHostCallServer>(m, "HostCallServer")
+      .def(py::init([](uintptr_t doorbell, uintptr_t done) {
+             if (doorbell == 0 || done == 0 || doorbell % 4 != 0 || done % 4 != 0)
+               throw std::invalid_argument("doorbell and done must be 4-byte aligned host addresses");
+             auto server = std::make_unique<NativeHostCallServer>();
+             server->server = std::make_unique<HostCallServer>(reinterpret_cast<uint32_t*>(doorbell),
+                                                               reinterpret_cast<uint32_t*>(done));
+             return server;
+           }),
+           "doorbell"_a, "done"_a)
+      .def(
+          "add",
+          [](NativeHostCallServer& self, py::object host_call) {
+            NativeHostCall& call = host_call.cast<NativeHostCall&>();
+            self.calls.push_back(host_call);
+            return self.server->add(&call.call);
+          },
+          "host_call"_a)
+      .def("arm", [](NativeHostCallServer& self, int num_calls) {
+             if (num_calls < 0) throw std::invalid_argument("num_calls must be >= 0");
+             self.server->arm(num_calls);
+           }, "num_calls"_a)
+      .def("finish", [](NativeHostCallServer& self, int timeout_ms) { return self.server->finish(timeout_ms); },
+           "timeout_ms"_a, py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("served", [](const NativeHostCallServer& self) { return self.server->served(); });
 }

@@ -1,4 +1,5 @@
-"""The whole decode step replayed from CUDA graphs (routed experts as host nodes) against eager MoE layers.
+"""The whole decode step replayed from CUDA graphs (routed experts as host work: doorbells served by a native
+thread, or the driver's host nodes) against eager MoE layers.
 
 The reference is ``cuda_graphs="attention"``: the same kernels (its per-layer attention graphs use the same
 length buckets, so the attention splits alike), with the MoE layers eager (sync, submit, wait). The step
@@ -88,7 +89,9 @@ def batched_run(model: DeepseekForCausalLM, decode_steps: int) -> list[list[int]
     return batch.new
 
 
-def test_step_graph_greedy_equals_eager_batch_1(model: DeepseekForCausalLM) -> None:
+@pytest.mark.parametrize("host_calls", ["doorbell", "driver"])
+def test_step_graph_greedy_equals_eager_batch_1(model: DeepseekForCausalLM, host_calls: str) -> None:
+    model.decode_graphs.host_calls = host_calls
     prompts = [[0, 1000, 2000, 3000, 4000, 5000, 6000, 7000], list(range(400, 650))]  # the second crosses 256
     eager = in_mode(model, "attention", lambda: [greedy_generate(model, ids, 16) for ids in prompts])
     calls = model.decode_graphs.log.calls
@@ -97,13 +100,24 @@ def test_step_graph_greedy_equals_eager_batch_1(model: DeepseekForCausalLM) -> N
     moe_layers = sum(1 for layer in model.layers if hasattr(layer.ffn, "experts"))
     assert model.decode_graphs.log.calls - calls >= 2 * 15 * moe_layers  # every decode step ran host calls
     assert {(1, 256), (1, 512)} <= set(model.decode_graphs._graphs)  # the second prompt's cache, both buckets
+    server = model.decode_graphs._ctx.server
+    assert (server is None) == (host_calls == "driver")
+    if server is not None:
+        assert server.served >= 2 * 15 * moe_layers
 
 
-def test_step_graph_greedy_equals_eager_batch_3_with_mixed_steps(model: DeepseekForCausalLM) -> None:
+@pytest.mark.parametrize("host_calls", ["doorbell", "driver"])
+def test_step_graph_greedy_equals_eager_batch_3_with_mixed_steps(model: DeepseekForCausalLM, host_calls: str) -> None:
+    model.decode_graphs.host_calls = host_calls
     eager = in_mode(model, "attention", lambda: batched_run(model, 12))
     graphed = in_mode(model, "step", lambda: batched_run(model, 12))
     assert graphed == eager
     assert {(3, 256), (3, 512)} <= set(model.decode_graphs._graphs)
+
+
+def test_host_call_modes_are_checked(model: DeepseekForCausalLM) -> None:
+    with pytest.raises(InvalidRequestError, match="host_calls='poll'; allowed: doorbell, driver"):
+        model.decode_graphs.host_calls = "poll"
 
 
 def test_step_graph_is_used_with_hybrid_experts() -> None:
@@ -136,8 +150,10 @@ class OffsetRouter(torch.nn.Module):
         return ids + self.offset, weights
 
 
-def test_an_error_in_the_host_call_raises_after_the_step() -> None:
+@pytest.mark.parametrize("host_calls", ["doorbell", "driver"])
+def test_an_error_in_the_host_call_raises_after_the_step(host_calls: str) -> None:
     broken = load()
+    broken.decode_graphs.host_calls = host_calls
     moe = broken.layers[-1].ffn
     moe.router = router = OffsetRouter(moe.router)
     batch = Batch(broken, [[5, 6, 7, 8]], 8)

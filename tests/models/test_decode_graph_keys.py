@@ -21,18 +21,35 @@ pytestmark = pytest.mark.skipif(not native_available(), reason="ksdk._native not
 class FakeStep:
     captured: list[tuple[int, int]] = []
 
-    def __init__(self, model, x, positions, meta, kv_cache, bucket, ctx) -> None:  # noqa: ANN001
+    fail_replay = False
+
+    def __init__(self, model, x, positions, meta, kv_cache, bucket, ctx, num_host_calls) -> None:  # noqa: ANN001
         FakeStep.captured.append((x.shape[0], bucket))
         self.vocab = 7
 
     def replay(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        if FakeStep.fail_replay:
+            raise RuntimeError("launch failed")
         return torch.zeros(x.shape[0], self.vocab)
+
+
+class FakeServer:
+    """Stands in for the doorbell server: records when a step arms and finishes it."""
+
+    events: list[str] = []
+
+    def arm(self, num_calls: int) -> None:
+        FakeServer.events.append(f"arm {num_calls}")
+
+    def finish(self) -> None:
+        FakeServer.events.append("finish")
 
 
 @pytest.fixture
 def graphs(monkeypatch: pytest.MonkeyPatch) -> DecodeGraphs:
-    FakeStep.captured = []
+    FakeStep.captured, FakeStep.fail_replay, FakeServer.events = [], False, []
     monkeypatch.setattr(decode_graph, "_CapturedStep", FakeStep)
+    monkeypatch.setattr(decode_graph, "DoorbellServer", FakeServer)
     stream = types.SimpleNamespace(synchronize=lambda: None)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: stream)
     monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: object())
@@ -56,6 +73,26 @@ def test_one_capture_per_batch_size_and_bucket(graphs: DecodeGraphs) -> None:
     for seq_lens in ([10], [200], [256], [257], [10, 20, 30], [300, 5, 6], [257]):
         assert step(graphs, seq_lens, kv).shape == (len(seq_lens), 7)
     assert FakeStep.captured == [(1, 256), (1, 512), (3, 256), (3, 512)]
+
+
+def test_each_replay_arms_the_doorbell_server_and_finishes_it_even_when_it_fails(graphs: DecodeGraphs) -> None:
+    graphs.model.layers = []  # no MoE layers: armed for 0 calls
+    kv = [torch.zeros(1)]
+    step(graphs, [10], kv)
+    step(graphs, [11], kv)
+    assert FakeServer.events == ["arm 0", "finish"] * 2
+    FakeStep.fail_replay = True
+    with pytest.raises(RuntimeError, match="launch failed"):
+        step(graphs, [12], kv)
+    assert FakeServer.events[-1] == "finish"
+
+
+def test_driver_host_calls_use_no_server(graphs: DecodeGraphs) -> None:
+    graphs.host_calls = "driver"
+    step(graphs, [10], [torch.zeros(1)])
+    assert FakeServer.events == [] and graphs._ctx.server is None
+    with pytest.raises(InvalidRequestError, match="host_calls='poll'"):
+        graphs.host_calls = "poll"
 
 
 def test_another_cache_drops_the_graphs(graphs: DecodeGraphs) -> None:

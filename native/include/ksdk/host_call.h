@@ -10,9 +10,12 @@
 
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <mutex>
 #include <string>
+#include <thread>
+#include <vector>
 
 #include "ksdk/moe.h"
 
@@ -80,6 +83,49 @@ struct HostCall {
   MoeCall call;  // its pointers are the pinned host buffers the graph's copies fill and drain
   int hidden;    // out is [call.num_tokens, hidden] fp32
   HostCallLog* log;
+};
+
+// Runs one host call and records it in its log; never throws.
+void run_host_call(HostCall& host_call);
+
+// Serves a step's host calls through two words of pinned host memory instead of the driver's host-function
+// thread: the step writes a call's id into `doorbell` (cuStreamWriteValue32, after the copies of its inputs)
+// and waits until `done` equals that id (cuStreamWaitValue32), then writes 0 to `done`. This server's thread
+// spins on `doorbell` while armed, clears it, runs the call, and stores the id in `done`. A host-function
+// node costs two trips through the driver (the GPU wakes the driver's thread, the thread's return releases
+// the stream); here the GPU and this thread only poll memory. While armed the expert pools are held
+// (ThreadPool::hold): their workers spin through the GPU work between layers instead of sleeping.
+class HostCallServer {
+ public:
+  HostCallServer(uint32_t* doorbell, uint32_t* done);
+  ~HostCallServer();  // cancels an armed step and joins the thread
+  HostCallServer(const HostCallServer&) = delete;
+  HostCallServer& operator=(const HostCallServer&) = delete;
+
+  // Registers a call (it must outlive this server) and returns its id, from 1 on.
+  uint32_t add(HostCall* call);
+  // Serves the next num_calls doorbells, then goes back to sleep (call it once the step is launched).
+  void arm(int num_calls);
+  // Waits until the armed calls are served (true), or gives up after timeout_ms (false): then the server
+  // stops waiting for the rest, releases the pools and returns to sleep. A step whose doorbells never
+  // came (a failed launch) must not leave 16 threads spinning.
+  bool finish(int timeout_ms);
+  int64_t served() const { return served_.load(std::memory_order_relaxed); }
+
+ private:
+  void loop();
+
+  uint32_t* const doorbell_;
+  uint32_t* const done_;
+  std::vector<HostCall*> calls_;  // id - 1 -> call; guarded by mu_
+  std::vector<ThreadPool*> pools_;  // distinct pools of the calls' runners; guarded by mu_
+  std::mutex mu_;
+  std::condition_variable cv_;
+  int to_serve_ = 0;  // guarded by mu_
+  bool stop_ = false;  // guarded by mu_
+  std::atomic<bool> cancel_{false};
+  std::atomic<int64_t> served_{0};
+  std::thread thread_;
 };
 
 }  // namespace ksdk
