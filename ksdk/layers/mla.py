@@ -32,15 +32,24 @@ GRAPH_MAX_BATCH = 32  # decode batches up to this size are replayed from CUDA gr
 
 class _GraphPool:
     """One CUDA graph memory pool for every layer's captures: graphs replay one after another, so their
-    intermediates can share memory (each graph's output buffer stays its own)."""
+    intermediates can share memory (each graph's output buffer stays its own).
+
+    The pool also holds a one-kernel anchor graph: torch releases a private pool once no graph uses it, and
+    a later capture into the released pool's handle fails an internal assert (all graphs dropped, e.g. for
+    a new KV cache, then one captured again)."""
 
     def __init__(self) -> None:
         self._handle: object | None = None
+        self._anchor: torch.cuda.CUDAGraph | None = None
 
     @property
     def handle(self) -> object:
         if self._handle is None:
-            self._handle = torch.cuda.graph_pool_handle()
+            handle = torch.cuda.graph_pool_handle()
+            anchor = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(anchor, pool=handle):
+                torch.zeros(1, device="cuda")
+            self._handle, self._anchor = handle, anchor
         return self._handle
 
 

@@ -175,3 +175,21 @@ def test_an_error_in_the_host_call_raises_after_the_step(host_calls: str) -> Non
     with pytest.raises(InvalidRequestError, match="captured decode step failed: .*out of range"):
         other.step([0])  # another cache, so a new graph: the warm-up before its capture fails
     assert not broken.decode_graphs._graphs  # the first cache's graphs were dropped, none was kept for this one
+
+
+def test_steps_are_captured_again_after_every_graph_was_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fresh graph pool used only by step graphs: dropping them all (a new KV cache, another host-call mode)
+    and capturing again works (torch releases a private pool nothing uses; the pool's anchor graph keeps it)."""
+    from ksdk.layers import mla
+    from ksdk.models import decode_graph
+
+    pool = mla._GraphPool()
+    monkeypatch.setattr(mla, "GRAPH_POOL", pool)
+    monkeypatch.setattr(decode_graph, "GRAPH_POOL", pool)
+    fresh = load()
+    first = greedy_generate(fresh, [3, 4, 5], 4)
+    assert fresh.decode_graphs._graphs and not any(layer.attn._graphs for layer in fresh.layers)
+    fresh.decode_graphs.host_calls = "driver"  # drops every step graph
+    assert not fresh.decode_graphs._graphs
+    assert greedy_generate(fresh, [3, 4, 5], 4) == first
+    assert fresh.decode_graphs._graphs
