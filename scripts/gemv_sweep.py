@@ -5,6 +5,7 @@ copies to leave L2, as in a decode step that reads 10 GB)."""
 
 from __future__ import annotations
 
+import os
 import sys
 
 import numpy as np
@@ -65,7 +66,10 @@ def main() -> None:
     del src
     print("columns: default | " + " ".join(label for label, _ in CANDIDATES))
     table = []
+    only = os.environ.get("GEMV_SWEEP_SHAPES")  # e.g. o_proj,q_b: a subset of SHAPES
     for name, N, K, qt in SHAPES:
+        if only and name not in only.split(","):
+            continue
         w = _weights(N, K, qt)
         copies = [w] + [w.clone() for _ in range(min(31, L2_BYTES // w.numel()))]
         dense = dequantize(w.cpu(), qt, (N, K)).cuda()  # [N, K] fp32: the reference

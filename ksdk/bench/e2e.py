@@ -259,6 +259,26 @@ class LayerTimes:
     experts_ms: float
 
 
+def _device_timeline(events: list) -> str:
+    """The step's device work in start order: offset from the first, duration and the idle span before each
+    (where the stream waited: copies, the host's experts, launch latency), in us."""
+    work = sorted((e for e in events if e.device_type == torch.autograd.DeviceType.CUDA),
+                  key=lambda e: e.time_range.start)
+    if not work:
+        return "device timeline: no device events"
+    t0, end = work[0].time_range.start, work[0].time_range.start
+    lines = [f"device timeline ({len(work)} events; us: start, duration, idle before):"]
+    idle_total = 0.0
+    for e in work:
+        idle = max(0.0, e.time_range.start - end)
+        idle_total += idle
+        lines.append(f"  {e.time_range.start - t0:9.1f} {e.time_range.end - e.time_range.start:8.1f} {idle:8.1f}  "
+                     f"{e.name[:90]}")
+        end = max(end, e.time_range.end)
+    lines.append(f"  span {end - t0:.1f} us, idle {idle_total:.1f} us")
+    return "\n".join(lines)
+
+
 class _Runner:
     def __init__(self, model: DeepseekForCausalLM, config: E2EConfig) -> None:
         self.model, self.config = model, config
@@ -393,8 +413,11 @@ class _Runner:
         sort = "device_time_total" if self.clock.cuda else "cpu_time_total"
         kernels = sum(e.count for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
         device_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+        table = events.table(sort_by=sort, row_limit=rows)
+        if self.clock.cuda:
+            table += "\n" + _device_timeline(prof.events())
         return (f"one decode step, batch {batch}: {1e3 * wall:.2f} ms wall (profiled), {kernels} kernels, "
-                f"{device_us / 1e3:.2f} ms of kernel time\n" + events.table(sort_by=sort, row_limit=rows))
+                f"{device_us / 1e3:.2f} ms of kernel time\n" + table)
 
     def profile_prefill(self, tokens: int, rows: int = 30) -> str:
         """torch.profiler's op table (by device time) for one prefill step of ``tokens``."""

@@ -170,11 +170,10 @@ class MoE(torch.nn.Module):
             with torch.cuda.stream(ctx.side_stream):
                 shared = self.shared(x)
         ids, weights = self.router(x)
-        out = experts.enqueue(x, ids, weights, ctx.log, ctx.server).to(x.dtype)
-        if shared is None:
-            return out
-        main.wait_stream(ctx.side_stream)  # join
-        return out + shared
+        call = experts.enqueue(x, ids, weights, ctx.log, ctx.server)
+        if shared is not None:
+            main.wait_stream(ctx.side_stream)  # join
+        return call.output(x.dtype, shared)  # routed.to(x.dtype) + shared, in one launch
 
 
 def gpu_streaming(device: torch.device, options: ExpertOptions) -> tuple[ExpertStaging, StreamCrossover] | None:

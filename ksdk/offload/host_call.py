@@ -1,8 +1,10 @@
 """Routed experts as host work inside a captured CUDA graph.
 
-In a captured decode step each MoE layer (a) copies x, expert ids and weights into fixed pinned host
-buffers, (b) hands the native experts the call and waits for them, in stream order, and (c) copies the
-pinned output back. Step (b) takes one of two forms (``HOST_CALL_MODES``):
+In a captured decode step each MoE layer (a) writes x, expert ids and weights into fixed pinned host
+buffers, (b) hands the native experts the call and waits for them, in stream order, and (c) reads the
+pinned output back, adding the shared expert's output (``ksdk.kernels.host_staging``: kernels that read and
+write the mapped host memory themselves, cheaper in a graph than copy-engine copies). Step (b) takes one of
+two forms (``HOST_CALL_MODES``):
 
 - ``"doorbell"`` (the default): the stream writes the call's id into a pinned word that a native server
   thread spins on (``cuStreamWriteValue32``), and waits until the server writes the id into a second word
@@ -10,9 +12,8 @@ pinned output back. Step (b) takes one of two forms (``HOST_CALL_MODES``):
 - ``"driver"``: ``ksdk_moe_host_call`` as a host node (``cuLaunchHostFunc``): the driver runs it on its own
   thread, which the GPU has to wake and whose return releases the stream, twice through the driver.
 
-The copies go through the driver as well (``cuMemcpy*Async`` on the same stream), so that capture involves
-none of torch's pinned-memory bookkeeping. Errors and the time spent in the experts land in a native
-``HostCallLog`` that :func:`raise_if_failed` reads after the step.
+Errors and the time spent in the experts land in a native ``HostCallLog`` that :func:`raise_if_failed` reads
+after the step.
 """
 
 from __future__ import annotations
@@ -89,10 +90,6 @@ def cuda_driver() -> CudaDriver:
     return CudaDriver()
 
 
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
 class DoorbellServer:
     """The native HostCallServer on two words of pinned memory (each on its own cache line), for the host
     calls of one set of step graphs. A step is served between :meth:`arm` and :meth:`finish`."""
@@ -148,25 +145,30 @@ class ExpertHostCall:
         self.server = server
         self._id = server.add(self._call) if server is not None else 0
 
-    def enqueue(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """On the current stream (capturable): x [T, H] in x_dtype, ids [T, k] int64, weights [T, k] fp32
-        on the device -> [T, H] fp32 routed output on the device, ready in stream order."""
+    def enqueue(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> None:
+        """On the current stream (capturable): stage x [T, H] (in x_dtype), ids [T, k] int64 and weights [T, k]
+        into the pinned buffers and run the experts on them; :meth:`output` then reads the result."""
         assert x.shape == self.x.shape and ids.shape == self.ids.shape and weights.shape == self.weights.shape
         x, ids, weights = x.to(self.x.dtype).contiguous(), ids.contiguous(), weights.float().contiguous()
         assert ids.dtype == torch.int64
+        from ksdk.kernels.host_staging import stage_to_host
+
+        stage_to_host(x, ids, weights, self.x, self.ids, self.weights)
         stream = torch.cuda.current_stream(self.device).cuda_stream
         driver = cuda_driver()
-        for host, dev in ((self.x, x), (self.ids, ids), (self.weights, weights)):
-            driver.copy_to_host(host.data_ptr(), dev.data_ptr(), _nbytes(host), stream)
         if self.server is None:
             driver.launch_host_func(stream, self._fn, self._call.address)
-        else:
+        else:  # the doorbell's write comes after the staging kernel's writes (a system-scope fence)
             driver.write_value(stream, self.server.doorbell, self._id)
             driver.wait_value(stream, self.server.done, self._id)
             driver.write_value(stream, self.server.done, 0)  # before the next doorbell: see HostCallServer
-        out = torch.empty(self.out.shape, dtype=torch.float32, device=self.device)
-        driver.copy_to_device(out.data_ptr(), self.out.data_ptr(), _nbytes(out), stream)
-        return out
+
+    def output(self, dtype: torch.dtype, shared: torch.Tensor | None = None) -> torch.Tensor:
+        """After :meth:`enqueue`, on the current stream: the routed output [T, H] rounded to ``dtype``, plus
+        ``shared`` (the shared expert's output in ``dtype``) when given, as a new device tensor."""
+        from ksdk.kernels.host_staging import add_from_host
+
+        return add_from_host(self.out, shared, dtype, self.device)
 
 
 def raise_if_failed(log: object) -> None:
