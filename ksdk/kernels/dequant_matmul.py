@@ -492,8 +492,9 @@ def _gemv(x: torch.Tensor, w_raw: torch.Tensor, qtype: GGMLQuantizationType, out
         QTYPE=_QTYPE_ID[qtype], G=cfg.block_k // L, L=L, BLOCK_M=block_m, BLOCK_N=cfg.block_n, DOT=cfg.dot,
         IEEE=_interpreted(x), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    if split_k > 1:
-        _sum_splits_kernel[(triton.cdiv(M * N, 1024),)](partial, out, split_k, M * N, BLOCK=1024)
+    if split_k > 1:  # narrow blocks: a decode-sized M x N still spreads over many programs
+        block = 1024 if M * N > (1 << 16) else 128
+        _sum_splits_kernel[(triton.cdiv(M * N, block),)](partial, out, split_k, M * N, BLOCK=block)
 
 
 def dequant_matmul(x: torch.Tensor, w_raw: torch.Tensor, qtype: GGMLQuantizationType, in_features: int,

@@ -159,19 +159,30 @@ class MLAttention(torch.nn.Module):
         self._graphs.clear()
 
     def decode_step(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata,
-                    kv_pages: torch.Tensor, max_seq_len: int) -> torch.Tensor:
+                    kv_pages: torch.Tensor, max_seq_len: int,
+                    side_stream: torch.cuda.Stream | None = None) -> torch.Tensor:
         """Decode attention as stream-ordered work only, for a captured whole step: ``max_seq_len`` is the
-        graph's length bucket, the same one the per-layer graphs use (so the kernels split alike)."""
-        return self._attend(x, cos, sin, meta, kv_pages, max_seq_len)
+        graph's length bucket, the same one the per-layer graphs use (so the kernels split alike). With
+        ``side_stream`` the latent projection (kv_a) runs there, beside the query's two projections."""
+        return self._attend(x, cos, sin, meta, kv_pages, max_seq_len, side_stream)
 
     def _attend(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata,
-                kv_pages: torch.Tensor, max_seq_len: int) -> torch.Tensor:
+                kv_pages: torch.Tensor, max_seq_len: int,
+                side_stream: torch.cuda.Stream | None = None) -> torch.Tensor:
         """The attention itself; ``max_seq_len`` (>= every sequence's length) sizes the decode kernel's splits."""
         T = x.shape[0]
+        if side_stream is not None:  # fork: kv_a needs only x, as q_a does
+            main = torch.cuda.current_stream(x.device)
+            side_stream.wait_stream(main)
+            with torch.cuda.stream(side_stream):
+                kv = self.kv_a(x)  # [T, rank + rope]
         q = self.q_proj(x) if self.q_proj is not None else self.q_b(self.q_a_norm(self.q_a(x)))
         q = q.view(T, self.num_heads, self.nope + self.rope_dim)
         q_nope, q_pe = q.split([self.nope, self.rope_dim], dim=-1)  # [T, H, nope], [T, H, rope]
-        kv = self.kv_a(x)  # [T, rank + rope]
+        if side_stream is None:
+            kv = self.kv_a(x)  # [T, rank + rope]
+        else:
+            main.wait_stream(side_stream)  # join
         if kv_pages.is_cuda:  # the same roundings in two launches instead of about 25
             from ksdk.kernels.latent_cache import write_latent
             from ksdk.kernels.rotary import rotary_

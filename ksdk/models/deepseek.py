@@ -48,7 +48,8 @@ class DecoderLayer(torch.nn.Module):
         input is ``x + delta`` (``delta`` None for the first layer), and it returns (input after attention,
         ffn output), whose sum is its output."""
         x, h = (x, self.attn_norm(x)) if delta is None else self.attn_norm.add_and_norm(x, delta)
-        x, h = self.ffn_norm.add_and_norm(x, self.attn.decode_step(h, cos, sin, meta, kv_pages, max_seq_len))
+        x, h = self.ffn_norm.add_and_norm(x, self.attn.decode_step(h, cos, sin, meta, kv_pages, max_seq_len,
+                                                                           ctx.side_stream))
         return x, (self.ffn.decode_step(h, ctx) if isinstance(self.ffn, MoE) else self.ffn(h))
 
 
