@@ -46,8 +46,8 @@ void run_host_call(HostCall& host_call) {
   log.end_call(start, HostCallLog::now_ns());
 }
 
-HostCallServer::HostCallServer(uint32_t* doorbell, uint32_t* done)
-    : doorbell_(doorbell), done_(done), thread_([this] { loop(); }) {}
+HostCallServer::HostCallServer(uint32_t* doorbell, uint32_t* done, bool hold_pools)
+    : doorbell_(doorbell), done_(done), hold_pools_(hold_pools), thread_([this] { loop(); }) {}
 
 HostCallServer::~HostCallServer() {
   {
@@ -89,7 +89,7 @@ void HostCallServer::loop() {
   for (;;) {
     cv_.wait(lock, [this] { return stop_ || to_serve_ > 0; });
     if (stop_) return;
-    const std::vector<ThreadPool*> pools = pools_;
+    const std::vector<ThreadPool*> pools = hold_pools_ ? pools_ : std::vector<ThreadPool*>();
     for (ThreadPool* pool : pools) pool->hold(true);
     while (to_serve_ > 0 && !cancel_.load(std::memory_order_relaxed)) {
       lock.unlock();

@@ -93,11 +93,12 @@ void run_host_call(HostCall& host_call);
 // and waits until `done` equals that id (cuStreamWaitValue32), then writes 0 to `done`. This server's thread
 // spins on `doorbell` while armed, clears it, runs the call, and stores the id in `done`. A host-function
 // node costs two trips through the driver (the GPU wakes the driver's thread, the thread's return releases
-// the stream); here the GPU and this thread only poll memory. While armed the expert pools are held
-// (ThreadPool::hold): their workers spin through the GPU work between layers instead of sleeping.
+// the stream); here the GPU and this thread only poll memory. Optionally the expert pools are held while
+// armed (ThreadPool::hold): their workers spin through the GPU work between layers instead of sleeping.
 class HostCallServer {
  public:
-  HostCallServer(uint32_t* doorbell, uint32_t* done);
+  // hold_pools: hold the calls' pools while armed (their workers spin between layers instead of sleeping).
+  HostCallServer(uint32_t* doorbell, uint32_t* done, bool hold_pools);
   ~HostCallServer();  // cancels an armed step and joins the thread
   HostCallServer(const HostCallServer&) = delete;
   HostCallServer& operator=(const HostCallServer&) = delete;
@@ -117,6 +118,7 @@ class HostCallServer {
 
   uint32_t* const doorbell_;
   uint32_t* const done_;
+  const bool hold_pools_;
   std::vector<HostCall*> calls_;  // id - 1 -> call; guarded by mu_
   std::vector<ThreadPool*> pools_;  // distinct pools of the calls' runners; guarded by mu_
   std::mutex mu_;
