@@ -134,17 +134,16 @@ class HostCallServer:
     """Serves host calls through two uint32 words of host memory (pinned for a GPU) on its own thread: a
     step writes a call's id (from :meth:`add`) into ``doorbell`` and waits until ``done`` equals it, then
     writes 0 to ``done``. The thread clears ``doorbell``, runs the call and stores the id in ``done``
-    (an unknown id is answered without running anything). With ``hold_pools`` the calls' thread pools
-    spin between calls while armed instead of sleeping."""
+    (an unknown id is answered without running anything)."""
 
-    def __init__(self, doorbell: int, done: int, hold_pools: bool = False) -> None: ...
+    def __init__(self, doorbell: int, done: int) -> None: ...
     def add(self, host_call: HostCall) -> int:
         """Register a call (kept alive as long as this server); returns its id, from 1 on."""
     def arm(self, num_calls: int) -> None:
         """Serve the next ``num_calls`` doorbells, then sleep again (call it after launching the step)."""
     def finish(self, timeout_ms: int) -> bool:
         """Wait until the armed calls are served (True), or stop waiting for them after ``timeout_ms``
-        (False) and release the pools."""
+        (False)."""
     @property
     def served(self) -> int:
         """Calls served since construction."""

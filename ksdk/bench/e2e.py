@@ -478,9 +478,7 @@ def _decode_table_step_graph(runner: _Runner, spec: TinyModelSpec, config: E2ECo
     a dense layer from the span before the first host call (``_run`` checks the model has both kinds)."""
     moe_layers, dense_layers = spec.num_layers - spec.num_dense_layers, spec.num_dense_layers
     runner.model.decode_graphs.host_calls = host_calls  # type: ignore[union-attr]
-    how = {"doorbell": "doorbells served by a native thread",
-           "doorbell-spin": "doorbells served by a native thread, workers spinning between layers",
-           "driver": "driver host nodes"}[host_calls]
+    how = {"doorbell": "doorbells served by a native thread", "driver": "driver host nodes"}[host_calls]
     print(f"decode replayed from one CUDA graph per step (routed experts through {how}):")
     print(f"{'decode':>8} {'tok/s':>8} {'ms/step':>8} | {'experts ms':>10} {'MoE gap':>7} {'lead':>6} "
           f"{'GPU side':>8} {'rest ms':>7} | {'61-layer tok/s':>14} {'floor tok/s':>11} {'share':>6}")

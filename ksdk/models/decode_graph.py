@@ -108,8 +108,8 @@ class DecodeGraphs:
     @property
     def host_calls(self) -> str:
         """How the graphs run the routed experts (``ksdk.offload.host_call``): "doorbell" (default: a native
-        server thread polls pinned memory the step writes), "doorbell-spin" (and the expert workers spin
-        between layers) or "driver" (host nodes on the driver's thread). Setting it drops the captured steps."""
+        server thread polls pinned memory the step writes) or "driver" (host nodes on the driver's thread).
+        Setting it drops the captured steps."""
         return self._host_calls
 
     @host_calls.setter
@@ -154,8 +154,7 @@ class DecodeGraphs:
         step = self._graphs.get(key)
         if step is None:
             if self._ctx is None:
-                server = (None if self._host_calls == "driver"
-                          else DoorbellServer(hold_pools=self._host_calls == "doorbell-spin"))
+                server = DoorbellServer() if self._host_calls == "doorbell" else None
                 self._ctx = MoEStepContext(self.log, torch.cuda.Stream(x.device), server)
             step = self._graphs[key] = _CapturedStep(self.model, x, positions, meta, kv_cache, bucket, self._ctx,
                                                      self._num_host_calls())

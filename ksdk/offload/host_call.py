@@ -9,8 +9,6 @@ two forms (``HOST_CALL_MODES``):
 - ``"doorbell"`` (the default): the stream writes the call's id into a pinned word that a native server
   thread spins on (``cuStreamWriteValue32``), and waits until the server writes the id into a second word
   (``cuStreamWaitValue32``): the GPU and the thread only poll memory (:class:`DoorbellServer`).
-- ``"doorbell-spin"``: the same, and the expert workers spin through the step instead of sleeping between
-  layers (no futex wake per layer, but every core busy for the whole step).
 - ``"driver"``: ``ksdk_moe_host_call`` as a host node (``cuLaunchHostFunc``): the driver runs it on its own
   thread, which the GPU has to wake and whose return releases the stream, twice through the driver.
 
@@ -34,7 +32,7 @@ if TYPE_CHECKING:
 
 __all__ = ["HOST_CALL_MODES", "CudaDriver", "DoorbellServer", "ExpertHostCall", "cuda_driver", "raise_if_failed"]
 
-HOST_CALL_MODES = ("doorbell", "doorbell-spin", "driver")
+HOST_CALL_MODES = ("doorbell", "driver")
 _WAIT_VALUE_EQ = 0x1  # CU_STREAM_WAIT_VALUE_EQ
 
 
@@ -96,10 +94,9 @@ class DoorbellServer:
     """The native HostCallServer on two words of pinned memory (each on its own cache line), for the host
     calls of one set of step graphs. A step is served between :meth:`arm` and :meth:`finish`."""
 
-    def __init__(self, hold_pools: bool = False) -> None:
+    def __init__(self) -> None:
         self._words = torch.zeros(32, dtype=torch.int32, pin_memory=True)
-        self._native = load_native().HostCallServer(self._words[0:].data_ptr(), self._words[16:].data_ptr(),
-                                                    hold_pools)
+        self._native = load_native().HostCallServer(self._words[0:].data_ptr(), self._words[16:].data_ptr())
         driver = cuda_driver()
         self.doorbell = driver.device_address(self._words[0:].data_ptr())
         self.done = driver.device_address(self._words[16:].data_ptr())
@@ -112,8 +109,8 @@ class DoorbellServer:
         self._native.arm(num_calls)
 
     def finish(self, timeout_s: float = 5.0) -> None:
-        """After the step's stream drained: every armed call was served, or RuntimeError (the server is
-        released either way)."""
+        """After the step's stream drained: every armed call was served, or RuntimeError (the server stops
+        waiting either way)."""
         if not self._native.finish(int(timeout_s * 1e3)):
             raise RuntimeError("a captured decode step rang fewer doorbells than it has MoE layers")
 

@@ -180,15 +180,15 @@ PYBIND11_MODULE(_native, m) {
       .def_property_readonly("address",
                              [](NativeHostCall& self) { return reinterpret_cast<uintptr_t>(&self.call); });
   py::class_<NativeHostCallServer>(m, "HostCallServer")
-      .def(py::init([](uintptr_t doorbell, uintptr_t done, bool hold_pools) {
+      .def(py::init([](uintptr_t doorbell, uintptr_t done) {
              if (doorbell == 0 || done == 0 || doorbell % 4 != 0 || done % 4 != 0)
                throw std::invalid_argument("doorbell and done must be 4-byte aligned host addresses");
              auto server = std::make_unique<NativeHostCallServer>();
              server->server = std::make_unique<HostCallServer>(reinterpret_cast<uint32_t*>(doorbell),
-                                                               reinterpret_cast<uint32_t*>(done), hold_pools);
+                                                               reinterpret_cast<uint32_t*>(done));
              return server;
            }),
-           "doorbell"_a, "done"_a, "hold_pools"_a = false)
+           "doorbell"_a, "done"_a)
       .def(
           "add",
           [](NativeHostCallServer& self, py::object host_call) {

@@ -1,7 +1,6 @@
 // Host calls of captured decode steps: the driver's host function, and the doorbell server (ksdk/host_call.h).
 #include "ksdk/host_call.h"
 
-#include <algorithm>
 #include <chrono>
 #include <cstring>
 #include <exception>
@@ -46,8 +45,8 @@ void run_host_call(HostCall& host_call) {
   log.end_call(start, HostCallLog::now_ns());
 }
 
-HostCallServer::HostCallServer(uint32_t* doorbell, uint32_t* done, bool hold_pools)
-    : doorbell_(doorbell), done_(done), hold_pools_(hold_pools), thread_([this] { loop(); }) {}
+HostCallServer::HostCallServer(uint32_t* doorbell, uint32_t* done)
+    : doorbell_(doorbell), done_(done), thread_([this] { loop(); }) {}
 
 HostCallServer::~HostCallServer() {
   {
@@ -62,8 +61,6 @@ HostCallServer::~HostCallServer() {
 uint32_t HostCallServer::add(HostCall* call) {
   std::lock_guard<std::mutex> lock(mu_);
   calls_.push_back(call);
-  ThreadPool* pool = &call->runner->pool();
-  if (std::find(pools_.begin(), pools_.end(), pool) == pools_.end()) pools_.push_back(pool);
   return uint32_t(calls_.size());
 }
 
@@ -89,8 +86,6 @@ void HostCallServer::loop() {
   for (;;) {
     cv_.wait(lock, [this] { return stop_ || to_serve_ > 0; });
     if (stop_) return;
-    const std::vector<ThreadPool*> pools = hold_pools_ ? pools_ : std::vector<ThreadPool*>();
-    for (ThreadPool* pool : pools) pool->hold(true);
     while (to_serve_ > 0 && !cancel_.load(std::memory_order_relaxed)) {
       lock.unlock();
       uint32_t id = 0;
@@ -110,7 +105,6 @@ void HostCallServer::loop() {
       lock.lock();
       --to_serve_;
     }
-    for (ThreadPool* pool : pools) pool->hold(false);
     to_serve_ = 0;
     cv_.notify_all();  // finish()
   }

@@ -76,22 +76,11 @@ void ThreadPool::launch(std::function<void(int)> fn) {
   wake_cv_.notify_all();
 }
 
-void ThreadPool::hold(bool on) {
-  {
-    std::lock_guard<std::mutex> lock(mutex_);
-    holds_.fetch_add(on ? 1 : -1, std::memory_order_relaxed);
-  }
-  if (on) wake_cv_.notify_all();
-}
-
 void ThreadPool::join() {
   auto done = [this] { return remaining_.load(std::memory_order_acquire) == 0; };
-  auto held = [this] { return holds_.load(std::memory_order_relaxed) > 0; };
-  while (!spin_until(done, spin_us_)) {
-    if (held()) continue;
+  if (!spin_until(done, spin_us_)) {
     std::unique_lock<std::mutex> lock(mutex_);
     done_cv_.wait(lock, done);
-    break;
   }
   {
     std::lock_guard<std::mutex> lock(busy_mutex_);
@@ -120,11 +109,9 @@ void ThreadPool::worker_loop(int index) {
     auto has_work = [&] {
       return generation_.load(std::memory_order_acquire) != seen || stop_.load(std::memory_order_relaxed);
     };
-    auto held = [this] { return holds_.load(std::memory_order_relaxed) > 0; };
-    while (!spin_until(has_work, spin_us_)) {
-      if (held()) continue;  // a caller announced more calls soon: keep spinning
+    if (!spin_until(has_work, spin_us_)) {
       std::unique_lock<std::mutex> lock(mutex_);
-      wake_cv_.wait(lock, [&] { return has_work() || held(); });
+      wake_cv_.wait(lock, has_work);
     }
     if (stop_.load()) return;
     seen = generation_.load(std::memory_order_acquire);

@@ -89,7 +89,7 @@ def batched_run(model: DeepseekForCausalLM, decode_steps: int) -> list[list[int]
     return batch.new
 
 
-@pytest.mark.parametrize("host_calls", ["doorbell", "doorbell-spin", "driver"])
+@pytest.mark.parametrize("host_calls", ["doorbell", "driver"])
 def test_step_graph_greedy_equals_eager_batch_1(model: DeepseekForCausalLM, host_calls: str) -> None:
     model.decode_graphs.host_calls = host_calls
     prompts = [[0, 1000, 2000, 3000, 4000, 5000, 6000, 7000], list(range(400, 650))]  # the second crosses 256
@@ -106,7 +106,7 @@ def test_step_graph_greedy_equals_eager_batch_1(model: DeepseekForCausalLM, host
         assert server.served >= 2 * 15 * moe_layers
 
 
-@pytest.mark.parametrize("host_calls", ["doorbell", "doorbell-spin", "driver"])
+@pytest.mark.parametrize("host_calls", ["doorbell", "driver"])
 def test_step_graph_greedy_equals_eager_batch_3_with_mixed_steps(model: DeepseekForCausalLM, host_calls: str) -> None:
     model.decode_graphs.host_calls = host_calls
     eager = in_mode(model, "attention", lambda: batched_run(model, 12))
@@ -116,7 +116,7 @@ def test_step_graph_greedy_equals_eager_batch_3_with_mixed_steps(model: Deepseek
 
 
 def test_host_call_modes_are_checked(model: DeepseekForCausalLM) -> None:
-    with pytest.raises(InvalidRequestError, match="host_calls=.poll.; allowed: doorbell, doorbell-spin, driver"):
+    with pytest.raises(InvalidRequestError, match="host_calls=.poll.; allowed: doorbell, driver"):
         model.decode_graphs.host_calls = "poll"
 
 
@@ -150,7 +150,7 @@ class OffsetRouter(torch.nn.Module):
         return ids + self.offset, weights
 
 
-@pytest.mark.parametrize("host_calls", ["doorbell", "doorbell-spin", "driver"])
+@pytest.mark.parametrize("host_calls", ["doorbell", "driver"])
 def test_an_error_in_the_host_call_raises_after_the_step(host_calls: str) -> None:
     broken = load()
     broken.decode_graphs.host_calls = host_calls

@@ -38,9 +38,6 @@ class FakeServer:
 
     events: list[str] = []
 
-    def __init__(self, hold_pools: bool = False) -> None:
-        FakeServer.events.append(f"server hold={hold_pools}")
-
     def arm(self, num_calls: int) -> None:
         FakeServer.events.append(f"arm {num_calls}")
 
@@ -83,7 +80,7 @@ def test_each_replay_arms_the_doorbell_server_and_finishes_it_even_when_it_fails
     kv = [torch.zeros(1)]
     step(graphs, [10], kv)
     step(graphs, [11], kv)
-    assert FakeServer.events == ["server hold=False"] + ["arm 0", "finish"] * 2
+    assert FakeServer.events == ["arm 0", "finish"] * 2
     FakeStep.fail_replay = True
     with pytest.raises(RuntimeError, match="launch failed"):
         step(graphs, [12], kv)

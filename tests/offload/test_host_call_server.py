@@ -45,10 +45,9 @@ class Layer:
 class FakeGpu:
     """The two words (on separate cache lines) and the stream's side of the protocol."""
 
-    def __init__(self, hold_pools: bool = False) -> None:
+    def __init__(self) -> None:
         self.words = torch.zeros(32, dtype=torch.int32)
-        self.server = load_native().HostCallServer(self.words[0:].data_ptr(), self.words[16:].data_ptr(),
-                                                   hold_pools)
+        self.server = load_native().HostCallServer(self.words[0:].data_ptr(), self.words[16:].data_ptr())
 
     def ring(self, call_id: int, timeout_s: float = 10.0) -> None:
         self.words[0] = call_id  # cuStreamWriteValue32(doorbell, id)
@@ -58,11 +57,9 @@ class FakeGpu:
         self.words[16] = 0  # cuStreamWriteValue32(done, 0)
 
 
-@pytest.mark.parametrize("hold_pools", [False, True])
-def test_a_step_of_layers_is_served_in_order_with_the_right_outputs(experts: CPUExperts, hold_pools: bool) -> None:
-    """With hold_pools the workers spin between the calls (and sleep again after the step)."""
+def test_a_step_of_layers_is_served_in_order_with_the_right_outputs(experts: CPUExperts) -> None:
     log = load_native().HostCallLog()
-    gpu = FakeGpu(hold_pools)
+    gpu = FakeGpu()
     layers = [Layer(experts, log, num_tokens, seed) for seed, num_tokens in enumerate([1, 3, 2])]
     ids = [gpu.server.add(layer.call) for layer in layers]
     assert ids == [1, 2, 3]

@@ -93,12 +93,12 @@ void run_host_call(HostCall& host_call);
 // and waits until `done` equals that id (cuStreamWaitValue32), then writes 0 to `done`. This server's thread
 // spins on `doorbell` while armed, clears it, runs the call, and stores the id in `done`. A host-function
 // node costs two trips through the driver (the GPU wakes the driver's thread, the thread's return releases
-// the stream); here the GPU and this thread only poll memory. Optionally the expert pools are held while
-// armed (ThreadPool::hold): their workers spin through the GPU work between layers instead of sleeping.
+// the stream); here the GPU and this thread only poll memory. The expert workers still sleep between layers
+// (after the pool's spin window): on the lent H100 host, keeping them spinning through the step made a
+// batch-1 layer's experts 1.4-1.7x slower.
 class HostCallServer {
  public:
-  // hold_pools: hold the calls' pools while armed (their workers spin between layers instead of sleeping).
-  HostCallServer(uint32_t* doorbell, uint32_t* done, bool hold_pools);
+  HostCallServer(uint32_t* doorbell, uint32_t* done);
   ~HostCallServer();  // cancels an armed step and joins the thread
   HostCallServer(const HostCallServer&) = delete;
   HostCallServer& operator=(const HostCallServer&) = delete;
@@ -108,8 +108,8 @@ class HostCallServer {
   // Serves the next num_calls doorbells, then goes back to sleep (call it once the step is launched).
   void arm(int num_calls);
   // Waits until the armed calls are served (true), or gives up after timeout_ms (false): then the server
-  // stops waiting for the rest, releases the pools and returns to sleep. A step whose doorbells never
-  // came (a failed launch) must not leave 16 threads spinning.
+  // stops waiting for the rest and returns to sleep. A step whose doorbells never came (a failed
+  // launch) must not leave this thread spinning.
   bool finish(int timeout_ms);
   int64_t served() const { return served_.load(std::memory_order_relaxed); }
 
@@ -118,9 +118,7 @@ class HostCallServer {
 
   uint32_t* const doorbell_;
   uint32_t* const done_;
-  const bool hold_pools_;
   std::vector<HostCall*> calls_;  // id - 1 -> call; guarded by mu_
-  std::vector<ThreadPool*> pools_;  // distinct pools of the calls' runners; guarded by mu_
   std::mutex mu_;
   std::condition_variable cv_;
   int to_serve_ = 0;  // guarded by mu_

@@ -94,7 +94,6 @@ class MoeRunner {
   // 0 saw them (each ends when the slowest worker reaches the barrier). Valid after wait().
   const std::array<int64_t, 5>& phase_ns() const { return phase_ns_; }
   int num_threads() const { return pool_->size(); }
-  ThreadPool& pool() const { return *pool_; }
 
  private:
   void plan(const MoeCall& call);

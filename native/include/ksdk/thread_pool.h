@@ -33,10 +33,6 @@ class ThreadPool {
   void join();
   // Called by every worker of the running job: returns once all have arrived.
   void barrier();
-  // While held (hold(true) calls outnumber hold(false) calls), idle workers and join() spin instead of
-  // sleeping: a caller that knows calls come every few hundred microseconds (the MoE layers of a decode
-  // step) pays no futex wake per call. hold(true) also wakes sleeping workers into the spin.
-  void hold(bool on);
 
  private:
   void worker_loop(int index);
@@ -48,7 +44,6 @@ class ThreadPool {
   alignas(64) std::atomic<uint64_t> generation_{0};
   alignas(64) std::atomic<int> remaining_{0};
   std::atomic<bool> stop_{false};
-  std::atomic<int> holds_{0};
   std::mutex mutex_;
   std::condition_variable wake_cv_, done_cv_;
   // One job at a time across the runners sharing this pool.
