@@ -67,7 +67,8 @@ def add_from_host(host_out: torch.Tensor, shared: torch.Tensor | None, dtype: to
     """host_out (pinned fp32 [T, H]) rounded to ``dtype``, plus ``shared`` ([T, H] in ``dtype``) when given, as a
     new tensor on ``device``: ``host_out.to(device, dtype) + shared`` in one launch."""
     if host_out.dtype != torch.float32 or not host_out.is_contiguous():
-        raise ValueError(f"host_out is {host_out.dtype} (contiguous: {host_out.is_contiguous()}); expected contiguous fp32")
+        raise ValueError(f"host_out is {host_out.dtype} (contiguous: {host_out.is_contiguous()}); "
+                         f"expected contiguous fp32")
     if shared is not None and (shared.shape != host_out.shape or shared.dtype != dtype or not shared.is_contiguous()):
         raise ValueError(f"shared is {shared.dtype} {tuple(shared.shape)}; expected contiguous {dtype} "
                          f"{tuple(host_out.shape)}")

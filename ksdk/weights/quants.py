@@ -40,8 +40,8 @@ def bytes_per_row(qtype: GGMLQuantizationType, row_len: int) -> int:
     return row_len // n_block * type_size(qtype)
 
 
-def _shifts(*values: int) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.uint8)
+def _shifts(*values: int, device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.uint8, device=device)
 
 
 def _f16(b: torch.Tensor) -> torch.Tensor:
@@ -51,13 +51,13 @@ def _f16(b: torch.Tensor) -> torch.Tensor:
 
 def _nibbles(qs: torch.Tensor, groups: int, width: int) -> torch.Tensor:
     """Bytes [n, groups*width] -> [n, groups, 2, width]: low nibbles of each group, then high nibbles."""
-    q = qs.reshape(qs.shape[0], groups, 1, width) >> _shifts(0, 4).reshape(1, 1, 2, 1)
+    q = qs.reshape(qs.shape[0], groups, 1, width) >> _shifts(0, 4, device=qs.device).reshape(1, 1, 2, 1)
     return q & 0x0F
 
 
 def _bits(b: torch.Tensor, count: int, step: int) -> torch.Tensor:
     """Bytes [n, m] -> [n, count, m]: field k is ``(b >> k*step)``, unmasked."""
-    shifts = torch.arange(0, count * step, step, dtype=torch.uint8).reshape(1, count, 1)
+    shifts = torch.arange(0, count * step, step, dtype=torch.uint8, device=b.device).reshape(1, count, 1)
     return b.unsqueeze(1) >> shifts
 
 
@@ -122,7 +122,7 @@ def _q2_k(blocks: torch.Tensor) -> torch.Tensor:
     dl = (d * (scales & 0x0F).to(torch.float32)).reshape(n, 16, 1)
     ml = (dmin * (scales >> 4).to(torch.float32)).reshape(n, 16, 1)
     # element h*128 + t*32 + k sits in byte h*32 + k at bit 2t
-    qs = blocks[:, 16:80].reshape(n, 2, 1, 32) >> _shifts(0, 2, 4, 6).reshape(1, 1, 4, 1)
+    qs = blocks[:, 16:80].reshape(n, 2, 1, 32) >> _shifts(0, 2, 4, 6, device=blocks.device).reshape(1, 1, 4, 1)
     q = (qs & 3).reshape(n, 16, 16).to(torch.float32)
     return (dl * q - ml).reshape(n, QK_K)
 
@@ -136,7 +136,7 @@ def _q3_k(blocks: torch.Tensor) -> torch.Tensor:
     high = (_bits(scales[:, 8:12], 4, 2) & 3).reshape(n, 16)
     sc = ((low | (high << 4)).to(torch.int8) - 32).to(torch.float32)
     dl = (d * sc).reshape(n, 16, 1)
-    ql = (qs.reshape(n, 2, 1, 32) >> _shifts(0, 2, 4, 6).reshape(1, 1, 4, 1)) & 3
+    ql = (qs.reshape(n, 2, 1, 32) >> _shifts(0, 2, 4, 6, device=blocks.device).reshape(1, 1, 4, 1)) & 3
     qh = (_bits(hmask, 8, 1) & 1) ^ 1  # a clear hmask bit subtracts 4
     q = ql.reshape(n, 16, 16).to(torch.int8) - (qh.reshape(n, 16, 16) << 2).to(torch.int8)
     return (dl * q.to(torch.float32)).reshape(n, QK_K)
@@ -184,7 +184,7 @@ def _q6_k(blocks: torch.Tensor) -> torch.Tensor:
     sc = blocks[:, 192:208].view(torch.int8).to(torch.float32)
     dl = (d * sc).reshape(n, 16, 1)
     ql = _nibbles(blocks[:, :128], 2, 64).reshape(n, 8, 32)
-    qh = (blocks[:, 128:192].reshape(n, 2, 1, 32) >> _shifts(0, 2, 4, 6).reshape(1, 1, 4, 1)) & 3
+    qh = (blocks[:, 128:192].reshape(n, 2, 1, 32) >> _shifts(0, 2, 4, 6, device=blocks.device).reshape(1, 1, 4, 1)) & 3
     q = (ql | (qh.reshape(n, 8, 32) << 4)).to(torch.int8) - 32
     return (dl * q.reshape(n, 16, 16).to(torch.float32)).reshape(n, QK_K)
 
@@ -229,7 +229,8 @@ def dequantize(
     shape: Sequence[int],
     name: str = "<unnamed>",
 ) -> torch.Tensor:
-    """Decode GGUF bytes ``raw`` of quant type ``qtype`` into a float32 tensor of ``shape`` (torch order).
+    """Decode GGUF bytes ``raw`` of quant type ``qtype`` into a float32 tensor of ``shape`` (torch order), on
+    ``raw``'s device (a numpy array: the CPU).
 
     ``raw`` holds ``prod(shape[:-1])`` rows of ``bytes_per_row(qtype, shape[-1])`` bytes, in any
     layout with that many bytes (for example ``[*shape[:-1], bytes_per_row]``). ``name`` is used in errors.

@@ -72,6 +72,20 @@ def test_dequantize_accepts_torch_and_readonly_numpy(qtype: GGMLQuantizationType
         assert torch.equal(dequantize(variant, qtype, shape).view(torch.int32), expected.view(torch.int32))
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("qtype", QTYPES, ids=lambda q: q.name)
+def test_dequantize_on_the_gpu_gives_the_cpu_bits(qtype: GGMLQuantizationType) -> None:
+    """The decoders are device-agnostic torch ops: bytes on the GPU decode there (the embedding's rows do)."""
+    rng = np.random.default_rng(zlib.crc32(qtype.name.encode()))
+    n_block, n_bytes = GGML_QUANT_SIZES[qtype]
+    shape = (7, 4 * n_block if n_block > 1 else 256)
+    raw = rng.integers(0, 256, size=(7, bytes_per_row(qtype, shape[1])), dtype=np.uint8)
+    got = dequantize(torch.from_numpy(raw).cuda(), qtype, shape)
+    assert got.is_cuda
+    assert _same_bits(got.cpu().numpy(), dequantize(raw, qtype, shape).numpy())
+
+
 def test_sizes_come_from_ggml() -> None:
     assert (block_size(Q.Q4_K), type_size(Q.Q4_K)) == (256, 144)
     assert (block_size(Q.Q8_0), type_size(Q.Q8_0)) == (32, 34)
