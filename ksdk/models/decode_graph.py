@@ -12,7 +12,9 @@ stalls every phase barrier of every layer.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -28,6 +30,23 @@ if TYPE_CHECKING:
     from ksdk.models.deepseek import DeepseekForCausalLM
 
 __all__ = ["DecodeGraphs"]
+
+
+@contextlib.contextmanager
+def _serving(server: DoorbellServer | None, num_calls: int) -> Iterator[None]:
+    """Arms the doorbell server (if any) for a step's host calls while the block launches the step and waits
+    for it; then checks that every call was served. A failing block's error is the one raised."""
+    if server is None:
+        yield
+        return
+    server.arm(num_calls)
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(RuntimeError):
+            server.finish()
+        raise
+    server.finish()
 
 
 class _CapturedStep:
@@ -53,16 +72,11 @@ class _CapturedStep:
         device = x.device
         warm = torch.cuda.Stream(device)
         warm.wait_stream(torch.cuda.current_stream(device))
-        if ctx.server is not None:
-            ctx.server.arm(num_host_calls)
-        try:
+        with _serving(ctx.server, num_host_calls):
             with torch.cuda.stream(warm):
                 run()
             torch.cuda.current_stream(device).wait_stream(warm)
             torch.cuda.synchronize(device)
-        finally:
-            if ctx.server is not None:
-                ctx.server.finish()
         raise_if_failed(ctx.log)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=GRAPH_POOL.handle):
@@ -158,19 +172,13 @@ class DecodeGraphs:
                 self._ctx = MoEStepContext(self.log, torch.cuda.Stream(x.device), server)
             step = self._graphs[key] = _CapturedStep(self.model, x, positions, meta, kv_cache, bucket, self._ctx,
                                                      self._num_host_calls())
-        server = self._ctx.server if self._ctx is not None else None
         self.log.new_step()  # type: ignore[attr-defined]
-        try:
-            logits = step.replay(x, positions, meta)
-            if server is not None:
-                server.arm(self._num_host_calls())  # after the launch: the first doorbell comes a layer later
+        logits = step.replay(x, positions, meta)
+        with _serving(self._ctx.server, self._num_host_calls()):  # armed after the launch: no doorbell yet
             logits = logits.clone()  # the static buffer is overwritten by the next replay
             if self._done is None:
                 self._done = torch.cuda.Event(blocking=True)
             self._done.record(torch.cuda.current_stream(x.device))
             self._done.synchronize()  # the host calls have run: their errors are final
-        finally:
-            if server is not None:
-                server.finish()
         raise_if_failed(self.log)
         return logits

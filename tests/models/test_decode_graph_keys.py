@@ -41,13 +41,17 @@ class FakeServer:
     def arm(self, num_calls: int) -> None:
         FakeServer.events.append(f"arm {num_calls}")
 
+    finish_error: Exception | None = None
+
     def finish(self) -> None:
         FakeServer.events.append("finish")
+        if FakeServer.finish_error is not None:
+            raise FakeServer.finish_error
 
 
 @pytest.fixture
 def graphs(monkeypatch: pytest.MonkeyPatch) -> DecodeGraphs:
-    FakeStep.captured, FakeStep.fail_replay, FakeServer.events = [], False, []
+    FakeStep.captured, FakeStep.fail_replay, FakeServer.events, FakeServer.finish_error = [], False, [], None
     monkeypatch.setattr(decode_graph, "_CapturedStep", FakeStep)
     monkeypatch.setattr(decode_graph, "DoorbellServer", FakeServer)
     stream = types.SimpleNamespace(synchronize=lambda: None)
@@ -75,16 +79,30 @@ def test_one_capture_per_batch_size_and_bucket(graphs: DecodeGraphs) -> None:
     assert FakeStep.captured == [(1, 256), (1, 512), (3, 256), (3, 512)]
 
 
-def test_each_replay_arms_the_doorbell_server_and_finishes_it_even_when_it_fails(graphs: DecodeGraphs) -> None:
+def test_each_replay_arms_the_doorbell_server_and_finishes_it(graphs: DecodeGraphs) -> None:
     graphs.model.layers = []  # no MoE layers: armed for 0 calls
     kv = [torch.zeros(1)]
     step(graphs, [10], kv)
     step(graphs, [11], kv)
     assert FakeServer.events == ["arm 0", "finish"] * 2
-    FakeStep.fail_replay = True
+    FakeStep.fail_replay = True  # the launch fails: nothing armed
     with pytest.raises(RuntimeError, match="launch failed"):
         step(graphs, [12], kv)
-    assert FakeServer.events[-1] == "finish"
+    assert FakeServer.events == ["arm 0", "finish"] * 2
+
+
+def test_a_failing_wait_finishes_the_server_and_keeps_its_own_error(graphs: DecodeGraphs) -> None:
+    kv = [torch.zeros(1)]
+    step(graphs, [10], kv)
+
+    def fail() -> None:
+        raise RuntimeError("device lost")
+
+    graphs._done = types.SimpleNamespace(record=lambda stream=None: None, synchronize=fail)
+    FakeServer.finish_error = RuntimeError("a captured decode step rang fewer doorbells")
+    with pytest.raises(RuntimeError, match="device lost"):
+        step(graphs, [11], kv)
+    assert FakeServer.events[-2:] == ["arm 0", "finish"]
 
 
 def test_driver_host_calls_use_no_server(graphs: DecodeGraphs) -> None:
