@@ -30,7 +30,7 @@ from ksdk.offload.native import load_native
 if TYPE_CHECKING:
     from ksdk.offload.cpu_experts import CPUExperts
 
-__all__ = ["HOST_CALL_MODES", "CudaDriver", "DoorbellServer", "ExpertHostCall", "cuda_driver", "raise_if_failed"]
+__all__ = ["CudaDriver", "DoorbellServer", "ExpertHostCall", "HOST_CALL_MODES", "cuda_driver", "raise_if_failed"]
 
 HOST_CALL_MODES = ("doorbell", "driver")
 _WAIT_VALUE_EQ = 0x1  # CU_STREAM_WAIT_VALUE_EQ
