@@ -5,12 +5,7 @@
 #include <cstring>
 #include <exception>
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#define KSDK_PAUSE() _mm_pause()
-#else
-#define KSDK_PAUSE() ((void)0)
-#endif
+#include "ksdk/cpu_relax.h"
 
 namespace ksdk {
 
@@ -92,7 +87,7 @@ void HostCallServer::loop() {
       for (int i = 0; !cancel_.load(std::memory_order_relaxed); ++i) {
         id = __atomic_load_n(doorbell_, __ATOMIC_ACQUIRE);  // the GPU wrote it after the inputs landed
         if (id != 0) break;
-        KSDK_PAUSE();
+        cpu_relax();
       }
       lock.lock();
       if (id == 0) break;  // cancelled

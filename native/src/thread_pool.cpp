@@ -4,12 +4,7 @@
 #include <map>
 #include <stdexcept>
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#define KSDK_PAUSE() _mm_pause()
-#else
-#define KSDK_PAUSE() ((void)0)
-#endif
+#include "ksdk/cpu_relax.h"
 
 namespace ksdk {
 namespace {
@@ -22,7 +17,7 @@ bool spin_until(Pred pred, int spin_us) {
   const auto deadline = Clock::now() + std::chrono::microseconds(spin_us);
   for (int i = 0;; ++i) {
     if (pred()) return true;
-    KSDK_PAUSE();
+    cpu_relax();
     if ((i & 255) == 255 && Clock::now() > deadline) return pred();
   }
 }
@@ -97,7 +92,7 @@ void ThreadPool::barrier() {
     return;
   }
   for (int i = 0; barrier_phase_.load(std::memory_order_acquire) == phase; ++i) {
-    KSDK_PAUSE();
+    cpu_relax();
     // More workers than free cores (a busy host): let the stragglers run.
     if (i > 4096) std::this_thread::yield();
   }
