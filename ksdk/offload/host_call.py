@@ -37,20 +37,20 @@ _WAIT_VALUE_EQ = 0x1  # CU_STREAM_WAIT_VALUE_EQ
 
 
 class CudaDriver:
-    """The few driver calls a host node needs, through ctypes on ``libcuda.so.1`` (torch has no binding)."""
+    """The few driver calls the host hand-off and the streamed experts need, through ctypes on ``libcuda.so.1``
+    (torch has no binding)."""
 
     def __init__(self) -> None:
         self._lib = lib = ctypes.CDLL("libcuda.so.1")
         vp, size = ctypes.c_void_p, ctypes.c_size_t
         lib.cuLaunchHostFunc.argtypes = [vp, vp, vp]
-        lib.cuMemcpyDtoHAsync_v2.argtypes = [vp, ctypes.c_uint64, size, vp]
         lib.cuMemcpyHtoDAsync_v2.argtypes = [ctypes.c_uint64, vp, size, vp]
         lib.cuGetErrorName.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
         u32 = ctypes.c_uint32
         lib.cuStreamWriteValue32_v2.argtypes = [vp, ctypes.c_uint64, u32, ctypes.c_uint]
         lib.cuStreamWaitValue32_v2.argtypes = [vp, ctypes.c_uint64, u32, ctypes.c_uint]
         lib.cuMemHostGetDevicePointer_v2.argtypes = [ctypes.POINTER(ctypes.c_uint64), vp, ctypes.c_uint]
-        for fn in (lib.cuLaunchHostFunc, lib.cuMemcpyDtoHAsync_v2, lib.cuMemcpyHtoDAsync_v2, lib.cuGetErrorName,
+        for fn in (lib.cuLaunchHostFunc, lib.cuMemcpyHtoDAsync_v2, lib.cuGetErrorName,
                    lib.cuStreamWriteValue32_v2, lib.cuStreamWaitValue32_v2, lib.cuMemHostGetDevicePointer_v2):
             fn.restype = ctypes.c_int
 
@@ -62,9 +62,6 @@ class CudaDriver:
 
     def launch_host_func(self, stream: int, fn: int, user_data: int) -> None:
         self._check(self._lib.cuLaunchHostFunc(stream, fn, user_data), "cuLaunchHostFunc")
-
-    def copy_to_host(self, dst: int, src: int, nbytes: int, stream: int) -> None:
-        self._check(self._lib.cuMemcpyDtoHAsync_v2(dst, src, nbytes, stream), "cuMemcpyDtoHAsync")
 
     def copy_to_device(self, dst: int, src: int, nbytes: int, stream: int) -> None:
         self._check(self._lib.cuMemcpyHtoDAsync_v2(dst, src, nbytes, stream), "cuMemcpyHtoDAsync")
