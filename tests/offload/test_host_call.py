@@ -5,42 +5,22 @@ from __future__ import annotations
 
 import ctypes
 
-import gguf
 import pytest
 import torch
 
 from ksdk.bench.random_blocks import random_expert_tensor
 from ksdk.offload import CPUExperts, load_native
 from ksdk.offload.native import native_available
+from tests.offload.host_call_buffers import HIDDEN, N_EXPERT, TOP_K, Buffers, Q, make_experts
 
 pytestmark = pytest.mark.skipif(not native_available(), reason="ksdk._native not built")
 
-Q = gguf.GGMLQuantizationType
 HOST_FN = ctypes.CFUNCTYPE(None, ctypes.c_void_p)  # CUhostFn: void (*)(void* user_data)
-N_EXPERT, HIDDEN, INTER, TOP_K = 8, 256, 512, 4
 
 
 @pytest.fixture(scope="module")
 def experts() -> CPUExperts:
-    return CPUExperts(random_expert_tensor(Q.Q4_K, N_EXPERT, INTER, HIDDEN, seed=1),
-                      random_expert_tensor(Q.Q4_K, N_EXPERT, INTER, HIDDEN, seed=2),
-                      random_expert_tensor(Q.Q6_K, N_EXPERT, HIDDEN, INTER, seed=3), num_threads=2)
-
-
-class Buffers:
-    """Fixed buffers as a captured step would own them (pinned there; plain host memory here)."""
-
-    def __init__(self, num_tokens: int, x_dtype: torch.dtype, seed: int = 0) -> None:
-        gen = torch.Generator().manual_seed(seed)
-        self.x = torch.randn(num_tokens, HIDDEN, generator=gen).to(x_dtype)
-        self.ids = torch.stack([torch.randperm(N_EXPERT, generator=gen)[:TOP_K] for _ in range(num_tokens)])
-        self.weights = torch.rand(num_tokens, TOP_K, generator=gen)
-        self.out = torch.full((num_tokens, HIDDEN), float("nan"))
-
-    def host_call(self, experts: CPUExperts, log: object) -> object:
-        return load_native().HostCall(experts._runner, log, self.x.data_ptr(), self.x.dtype == torch.bfloat16,
-                                      self.ids.data_ptr(), True, self.weights.data_ptr(), self.out.data_ptr(),
-                                      self.x.shape[0], TOP_K, HIDDEN)
+    return make_experts(seed=1)
 
 
 def call(host_call: object) -> None:

@@ -7,39 +7,19 @@ from __future__ import annotations
 import threading
 import time
 
-import gguf
 import pytest
 import torch
 
-from ksdk.bench.random_blocks import random_expert_tensor
 from ksdk.offload import CPUExperts, load_native
 from ksdk.offload.native import native_available
+from tests.offload.host_call_buffers import N_EXPERT, Buffers, Q, make_experts
 
 pytestmark = pytest.mark.skipif(not native_available(), reason="ksdk._native not built")
-
-Q = gguf.GGMLQuantizationType
-N_EXPERT, HIDDEN, INTER, TOP_K = 8, 256, 512, 4
 
 
 @pytest.fixture(scope="module")
 def experts() -> CPUExperts:
-    return CPUExperts(random_expert_tensor(Q.Q4_K, N_EXPERT, INTER, HIDDEN, seed=11),
-                      random_expert_tensor(Q.Q5_K, N_EXPERT, INTER, HIDDEN, seed=12),
-                      random_expert_tensor(Q.Q6_K, N_EXPERT, HIDDEN, INTER, seed=13), num_threads=2)
-
-
-class Layer:
-    """One MoE layer's fixed buffers and native call."""
-
-    def __init__(self, experts: CPUExperts, log: object, num_tokens: int, seed: int) -> None:
-        gen = torch.Generator().manual_seed(seed)
-        self.x = torch.randn(num_tokens, HIDDEN, generator=gen)
-        self.ids = torch.stack([torch.randperm(N_EXPERT, generator=gen)[:TOP_K] for _ in range(num_tokens)])
-        self.weights = torch.rand(num_tokens, TOP_K, generator=gen)
-        self.out = torch.full((num_tokens, HIDDEN), float("nan"))
-        self.call = load_native().HostCall(experts._runner, log, self.x.data_ptr(), False, self.ids.data_ptr(),
-                                           True, self.weights.data_ptr(), self.out.data_ptr(), num_tokens, TOP_K,
-                                           HIDDEN)
+    return make_experts(seed=11, up_type=Q.Q5_K)
 
 
 class FakeGpu:
@@ -60,8 +40,8 @@ class FakeGpu:
 def test_a_step_of_layers_is_served_in_order_with_the_right_outputs(experts: CPUExperts) -> None:
     log = load_native().HostCallLog()
     gpu = FakeGpu()
-    layers = [Layer(experts, log, num_tokens, seed) for seed, num_tokens in enumerate([1, 3, 2])]
-    ids = [gpu.server.add(layer.call) for layer in layers]
+    layers = [Buffers(num_tokens, torch.float32, seed) for seed, num_tokens in enumerate([1, 3, 2])]
+    ids = [gpu.server.add(layer.host_call(experts, log)) for layer in layers]
     assert ids == [1, 2, 3]
     for step in range(3):
         for layer in layers:
@@ -80,8 +60,8 @@ def test_the_gpu_side_can_ring_before_the_server_is_armed(experts: CPUExperts) -
     """A step is armed after its launch: a doorbell already rung is served once the server arms."""
     log = load_native().HostCallLog()
     gpu = FakeGpu()
-    layer = Layer(experts, log, 2, seed=5)
-    call_id = gpu.server.add(layer.call)
+    layer = Buffers(2, torch.float32, seed=5)
+    call_id = gpu.server.add(layer.host_call(experts, log))
     ringer = threading.Thread(target=gpu.ring, args=(call_id,))
     ringer.start()
     time.sleep(0.05)
@@ -95,8 +75,8 @@ def test_the_gpu_side_can_ring_before_the_server_is_armed(experts: CPUExperts) -
 def test_an_expert_error_is_logged_and_the_call_still_answered(experts: CPUExperts) -> None:
     log = load_native().HostCallLog()
     gpu = FakeGpu()
-    layer = Layer(experts, log, 2, seed=6)
-    call_id = gpu.server.add(layer.call)
+    layer = Buffers(2, torch.float32, seed=6)
+    call_id = gpu.server.add(layer.host_call(experts, log))
     layer.ids[1, 0] = N_EXPERT  # out of range
     gpu.server.arm(1)
     gpu.ring(call_id)  # answered: the stream never hangs on a failed call
@@ -116,8 +96,8 @@ def test_finish_gives_up_on_doorbells_that_never_come(experts: CPUExperts) -> No
     step is served normally."""
     log = load_native().HostCallLog()
     gpu = FakeGpu()
-    layer = Layer(experts, log, 1, seed=7)
-    call_id = gpu.server.add(layer.call)
+    layer = Buffers(1, torch.float32, seed=7)
+    call_id = gpu.server.add(layer.host_call(experts, log))
     gpu.server.arm(2)
     gpu.ring(call_id)
     start = time.monotonic()
