@@ -53,10 +53,23 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gpu-stream-threshold", type=int, default=None,
                    help="with a GPU: batches of at least this many tokens stream their experts to the GPU "
                         "(default: measured at the first long batch; 0: never)")
+    g.add_argument("--gpu-expert-memory", type=_size, default=0, metavar="SIZE",
+                   help="with a GPU: memory for routed experts kept on the GPU, shared by the MoE layers, e.g. "
+                        "20GiB (default: 0, every routed expert on the CPU)")
     g.add_argument("--cuda-graphs", choices=("step", "attention", "off"), default="step",
                    help="with a GPU: decode steps replay one CUDA graph per step with the routed experts as host "
                         "nodes (step), per-layer attention graphs (attention), or no graphs (default: step)")
     g.add_argument("--quiet", action="store_true", help="no loading progress on stderr")
+
+
+def _size(value: str) -> int:
+    from ksdk.errors import InvalidRequestError
+    from ksdk.offload.options import parse_bytes
+
+    try:
+        return parse_bytes(value)
+    except InvalidRequestError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,7 +128,7 @@ def open_engine(args: argparse.Namespace) -> Engine:
         max_batch_tokens=args.max_batch_tokens, max_waiting=args.max_waiting,
         enable_prefix_caching=not args.no_prefix_caching, experts=args.experts, expert_threads=args.expert_threads,
         expert_memory=args.expert_memory, gpu_stream_threshold=args.gpu_stream_threshold,
-        cuda_graphs=args.cuda_graphs,
+        gpu_expert_memory=args.gpu_expert_memory, cuda_graphs=args.cuda_graphs,
     )
     if not args.quiet:
         print(f"ksdk: loaded {engine.model_id} in {time.monotonic() - start:.1f} s "

@@ -49,7 +49,8 @@ def test_serve_without_a_gguf_uses_the_demo_and_says_its_text_is_random(
     monkeypatch.setattr("uvicorn.run", lambda app, **kw: served.update(app=app, **kw))
     code = ksdk.cli.main(["serve", "--port", "9123", "--api-key", "k", "--max-concurrency", "3",
                           "--kv-cache-tokens", "512", "--no-prefix-caching", "--model-name", "demo", "--quiet",
-                          "--experts", "native", "--expert-threads", "3", "--cuda-graphs", "attention"])
+                          "--experts", "native", "--expert-threads", "3", "--cuda-graphs", "attention",
+                          "--gpu-expert-memory", "1.5GiB"])
     assert code == 0
     err = capsys.readouterr().err
     assert "RANDOM" in err and "text is random" in err and "http://127.0.0.1:9123/v1" in err
@@ -57,10 +58,17 @@ def test_serve_without_a_gguf_uses_the_demo_and_says_its_text_is_random(
     assert fake["options"] == {"model_id": "demo", "device": "auto", "max_model_len": None, "kv_cache_tokens": 512,
                                "page_size": 16, "max_num_seqs": 64, "max_batch_tokens": 2048, "max_waiting": 256,
                                "enable_prefix_caching": False, "experts": "native", "expert_threads": 3,
-                               "expert_memory": "mmap", "gpu_stream_threshold": None, "cuda_graphs": "attention"}
+                               "expert_memory": "mmap", "gpu_stream_threshold": None,
+                               "gpu_expert_memory": 3 * 2**29, "cuda_graphs": "attention"}
     assert (served["host"], served["port"], served["log_level"]) == ("127.0.0.1", 9123, "warning")
     state = served["app"].state.gateway
     assert (state.api_key, state.max_concurrency, state.engine) == ("k", 3, fake["engine"])
+
+
+def test_a_size_that_is_not_one_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        ksdk.cli.main(["serve", "--gpu-expert-memory", "lots"])
+    assert exc.value.code == 2 and "'lots' is not a size" in capsys.readouterr().err
 
 
 async def test_served_app_answers(fake: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:

@@ -72,6 +72,7 @@ class E2EConfig:
     cuda_graphs: tuple[str, ...] = ("step",)  # DeepseekForCausalLM.cuda_graphs modes, one decode table each
     expert_memory: str = "mmap"  # ExpertOptions.memory: where the routed experts' bytes live
     host_calls: tuple[str, ...] = ("doorbell",)  # DecodeGraphs.host_calls modes, one step-graph table each
+    gpu_experts: int = 0  # routed experts per MoE layer kept in GPU memory (ExpertOptions.gpu_bytes)
 
 
 def _r1_config() -> dict:
@@ -458,16 +459,19 @@ class _Runner:
 
 @dataclass(frozen=True)
 class _Floor:
-    """The host-bandwidth floor of R1's decode (DESIGN.md §6) for a batch of random tokens."""
+    """The host-bandwidth floor of R1's decode (DESIGN.md §6) for a batch of random tokens: the time to read
+    the distinct experts each MoE layer computes on the CPU (``on_gpu`` of each layer's experts do not count)."""
 
     spec: TinyModelSpec
     host_gbs: float
     expert_mb: float
     moe_layers: int  # R1's 58
+    on_gpu: int = 0  # experts per layer resident in GPU memory
 
     def tok_s(self, batch: int) -> float:
         E, k = self.spec.num_experts, self.spec.num_experts_per_tok
-        distinct = E * (1 - (1 - k / E) ** batch)  # expected experts a layer reads for `batch` random tokens
+        # expected experts of the CPU's E - on_gpu that `batch` random tokens touch
+        distinct = (E - self.on_gpu) * (1 - (1 - k / E) ** batch)
         return batch * self.host_gbs * 1e9 / (self.moe_layers * distinct * self.expert_mb * 1e6)
 
 
@@ -584,8 +588,12 @@ def run_e2e(config: E2EConfig) -> None:
     print(f"  {path} ({path.stat().st_size / 1e9:.1f} GB)")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    moe_layer = spec.num_dense_layers
+    expert_bytes = _expert_bytes(gguf_file, moe_layer)
+    on_gpu_bytes = config.gpu_experts * expert_bytes * (spec.num_layers - spec.num_dense_layers)
     model = load_model(gguf_file, device=device, dtype=config.dtype,
-                       experts=ExpertOptions(backend="native", memory=config.expert_memory))  # type: ignore[arg-type]
+                       experts=ExpertOptions(backend="native", memory=config.expert_memory,  # type: ignore[arg-type]
+                                             gpu_bytes=on_gpu_bytes))
     runner = _Runner(model, config)
     _prefault_experts(gguf_file, spec.num_layers, spec.num_dense_layers)
 
@@ -595,8 +603,7 @@ def run_e2e(config: E2EConfig) -> None:
     # lent machine where that benchmark read 118 GB/s minutes later.
     probe = min(4 << 30, max(1 << 30, path.stat().st_size // 4))
     host_gbs = native.read_bandwidth(probe, threads, 5)
-    moe_layer = spec.num_dense_layers
-    expert_mb = _expert_bytes(gguf_file, moe_layer) / 1e6
+    expert_mb = expert_bytes / 1e6
     print(f"  host read bandwidth: {host_gbs:.1f} GB/s ({threads} threads); one routed expert: {expert_mb:.1f} MB")
 
     # GPU memory: what is resident now, and the same extrapolated to R1's 61 layers.
@@ -605,13 +612,15 @@ def run_e2e(config: E2EConfig) -> None:
         layer_bytes = [_tensor_bytes(layer, device) for layer in model.layers]
         dense_b, moe_b = layer_bytes[0] if spec.num_dense_layers else 0, layer_bytes[moe_layer]
         full = resident - sum(layer_bytes) + full_dense * dense_b + (full_layers - full_dense) * moe_b
+        on_gpu = config.gpu_experts * expert_bytes
+        full += (full_layers - full_dense) * on_gpu
         print(f"  GPU memory after load: {resident / 2**30:.2f} GiB (dense layer {dense_b / 2**20:.0f} MiB, "
-              f"MoE layer {moe_b / 2**20:.0f} MiB without experts); at {full_layers} layers: {full / 2**30:.2f} GiB "
-              f"+ KV cache")
+              f"MoE layer {moe_b / 2**20:.0f} MiB without experts, + {config.gpu_experts} resident routed experts "
+              f"{on_gpu / 2**20:.0f} MiB); at {full_layers} layers: {full / 2**30:.2f} GiB + KV cache")
     print()
 
     E, k, moe_full = spec.num_experts, spec.num_experts_per_tok, full_layers - full_dense
-    floor = _Floor(spec, host_gbs, expert_mb, moe_full)
+    floor = _Floor(spec, host_gbs, expert_mb, moe_full, config.gpu_experts)
     for mode in config.cuda_graphs:
         model.cuda_graphs = mode  # type: ignore[assignment]
         if device.type == "cuda" and mode == "step" and model.decode_graphs and model.decode_graphs.capturable:
@@ -658,8 +667,9 @@ def run_e2e(config: E2EConfig) -> None:
         print(f"GPU-streaming threshold: {crossover.threshold} tokens ({how})")
     if device.type == "cuda":
         print(f"\nGPU memory peak: {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
-    print(f"\nfloor = batch x host bandwidth / ({moe_full} MoE layers x expected distinct experts x "
-          f"{expert_mb:.1f} MB); at batch 1 that is {moe_full * k * expert_mb / 1e3:.1f} GB per token "
+    print(f"\nfloor = batch x host bandwidth / ({moe_full} MoE layers x expected distinct experts the CPU reads x "
+          f"{expert_mb:.1f} MB; {config.gpu_experts} of each layer's {E} experts on the GPU); at batch 1 with all "
+          f"experts on the CPU that is {moe_full * k * expert_mb / 1e3:.1f} GB per token "
           f"(DESIGN.md's {DESIGN_EXPERT_GB_PER_TOKEN} GB gives {host_gbs / DESIGN_EXPERT_GB_PER_TOKEN:.2f} tok/s). "
           f"61-layer figures scale the measured dense and MoE layer costs to {full_dense} and {moe_full} layers "
           f"(eager: per-layer times plus the rest; step graph: the step plus the missing layers).")
@@ -715,6 +725,9 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 def _run(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA GPU here; use --device cpu (with --small) for a smoke run")
+    if args.gpu_experts and (args.device != "cuda" or args.gpu_experts < 0):
+        raise SystemExit(f"--gpu-experts {args.gpu_experts}: experts per MoE layer on the GPU need --device cuda "
+                         f"and a count >= 0")
     if not 0 <= args.dense_layers < args.layers:
         raise SystemExit(f"--dense-layers {args.dense_layers}: need 0 <= dense layers < --layers {args.layers}")
     if args.device == "cuda" and "step" in args.graphs and (args.dense_layers < 1 or args.layers - args.dense_layers < 2):
@@ -723,7 +736,8 @@ def _run(args: argparse.Namespace) -> int:
     run_e2e(E2EConfig(layers=args.layers, dense_layers=args.dense_layers, batches=args.batches,
                       prefill=args.prefill, context=args.context, decode_steps=args.steps, device=args.device,
                       dtype=_DTYPES[args.dtype], small=args.small, profile=args.profile,
-                      cuda_graphs=args.graphs, expert_memory=args.expert_memory, host_calls=args.host_calls))
+                      cuda_graphs=args.graphs, expert_memory=args.expert_memory, host_calls=args.host_calls,
+                      gpu_experts=args.gpu_experts))
     return 0
 
 
@@ -759,4 +773,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                         help="comma-separated ways the step graph runs the routed experts, one decode table each: "
                              "doorbell (a native thread polls pinned memory the step writes), driver (host nodes "
                              "on the CUDA driver's thread) (default doorbell)")
+    parser.add_argument("--gpu-experts", type=int, default=defaults.gpu_experts,
+                        help="routed experts per MoE layer kept in GPU memory (the lowest-numbered; default 0); the "
+                             "floor then counts only the experts the CPU reads")
     parser.set_defaults(run=_run)

@@ -83,17 +83,20 @@ class Engine:
                   max_num_seqs: int = 64, max_batch_tokens: int = 2048, max_waiting: int = 256,
                   enable_prefix_caching: bool = True, experts: str = "auto",
                   expert_threads: int | None = None, expert_memory: str = "mmap",
-                  gpu_stream_threshold: int | None = None, cuda_graphs: str = "step") -> Engine:
+                  gpu_stream_threshold: int | None = None, gpu_expert_memory: int | str = 0,
+                  cuda_graphs: str = "step") -> Engine:
         """Load model, tokenizer and chat template from a GGUF file (or its first split, or a folder).
 
-        ``experts``, ``expert_threads``, ``expert_memory``, ``gpu_stream_threshold``: how routed experts run
-        (ksdk.offload.ExpertOptions). ``cuda_graphs`` (a model on a GPU): how decode steps replay CUDA graphs,
+        ``experts``, ``expert_threads``, ``expert_memory``, ``gpu_stream_threshold``, ``gpu_expert_memory`` (bytes,
+        or a size such as "20GiB", of GPU memory for routed experts kept there): how routed experts run
+        (ksdk.offload.ExpertOptions). The KV cache is sized after those experts are loaded. ``cuda_graphs`` (a model on a GPU): how decode steps replay CUDA graphs,
         "step" (the whole step, routed experts as host nodes), "attention" (each layer's attention) or "off"
         (DeepseekForCausalLM.cuda_graphs)."""
-        from ksdk.offload.options import ExpertOptions
+        from ksdk.offload.options import ExpertOptions, parse_bytes
 
         expert_options = ExpertOptions(backend=experts, threads=expert_threads, memory=expert_memory,  # type: ignore[arg-type]
-                                       gpu_stream_threshold=gpu_stream_threshold)
+                                       gpu_stream_threshold=gpu_stream_threshold,
+                                       gpu_bytes=parse_bytes(gpu_expert_memory))
         import torch
 
         from ksdk.chat import ChatTemplate, prompt_opens_reasoning

@@ -3,7 +3,8 @@
 Routed experts stay in their GGUF form (memmapped): the torch path dequantizes only the experts a batch
 touches (with a small cache); the native path (ksdk.offload) computes on the quantized blocks directly.
 In a captured decode step (:meth:`MoE.decode_step`) the native experts run as a host node of the graph
-while the shared expert runs on a side stream.
+while the shared expert runs on a side stream. On a GPU, some routed experts may live in GPU memory
+(``ksdk.offload.resident``): the GPU computes those, beside the shared expert, and the rest never see them.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
     from ksdk.offload.gpu_experts import ExpertStaging, StreamCrossover
     from ksdk.offload.host_call import DoorbellServer
     from ksdk.offload.options import ExpertOptions
+    from ksdk.offload.resident import ResidentExperts
     from ksdk.offload.routed import NativeRoutedExperts
     from ksdk.weights.gguf_file import TensorView
 
@@ -116,6 +118,8 @@ class TorchExperts:
         experts, counts = flat_ids[order].unique_consecutive(return_counts=True)
         flat_weights = weights.flatten()
         for e, pairs in zip(experts.tolist(), order.split(counts.tolist())):
+            if e < 0:  # slots another side computes (experts resident on the GPU)
+                continue
             gate, up, down = self._expert(e)
             rows = pairs // ids.shape[1]
             h = x[rows]
@@ -136,17 +140,22 @@ class MoEStepContext:
 
 
 class MoE(torch.nn.Module):
-    """Output = Σ w·expert(x) + shared(x)."""
+    """Output = Σ w·expert(x) + shared(x). ``resident``: routed experts held on the GPU, which ``experts`` then
+    never computes (their ids reach it as -1)."""
 
-    def __init__(self, router: Router, experts: RoutedExperts, shared: MLP | None) -> None:
+    def __init__(self, router: Router, experts: RoutedExperts, shared: MLP | None,
+                 resident: ResidentExperts | None = None) -> None:
         super().__init__()
-        self.router, self.experts, self.shared = router, experts, shared
+        self.router, self.experts, self.shared, self.resident = router, experts, shared, resident
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ids, weights = self.router(x)
-        self.experts.submit(x, ids, weights)
+        resident = self.resident
+        self.experts.submit(x, ids if resident is None else resident.host_ids(ids), weights)
         shared = self.shared(x) if self.shared is not None else None  # overlaps the routed experts
-        out = self.experts.wait().to(x.dtype)
+        on_gpu = resident.forward(x, ids, weights) if resident is not None else None  # and so do these
+        routed = self.experts.wait()
+        out = (routed if on_gpu is None else routed + on_gpu).to(x.dtype)
         return out if shared is None else out + shared
 
     def host_experts(self) -> NativeRoutedExperts | None:
@@ -164,16 +173,22 @@ class MoE(torch.nn.Module):
         experts = self.host_experts()
         assert experts is not None, "decode_step needs native routed experts"
         main = torch.cuda.current_stream(x.device)
-        shared = None
+        shared = on_gpu = None
         if self.shared is not None:
             ctx.side_stream.wait_stream(main)  # fork: the shared expert overlaps the router and the CPU experts
             with torch.cuda.stream(ctx.side_stream):
                 shared = self.shared(x)
         ids, weights = self.router(x)
-        call = experts.enqueue(x, ids, weights, ctx.log, ctx.server)
-        if shared is not None:
+        resident = self.resident
+        if resident is not None:
+            ctx.side_stream.wait_stream(main)  # the router's choice; the resident experts overlap the CPU's too
+            with torch.cuda.stream(ctx.side_stream):
+                on_gpu = resident.forward(x, ids, weights)
+        call = experts.enqueue(x, ids, weights, ctx.log, ctx.server,
+                               resident_slots=None if resident is None else resident.slots)
+        if shared is not None or on_gpu is not None:
             main.wait_stream(ctx.side_stream)  # join
-        return call.output(x.dtype, shared)  # routed.to(x.dtype) + shared, in one launch
+        return call.output(x.dtype, shared, on_gpu)  # (routed + on_gpu).to(x.dtype) + shared, in one launch
 
 
 def gpu_streaming(device: torch.device, options: ExpertOptions) -> tuple[ExpertStaging, StreamCrossover] | None:

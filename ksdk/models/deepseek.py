@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -21,9 +22,11 @@ from ksdk.weights.quants import SUPPORTED_QTYPES
 
 if TYPE_CHECKING:
     from ksdk.offload.gpu_experts import ExpertStaging, StreamCrossover
-    from ksdk.weights.gguf_file import GGUFFile
+    from ksdk.weights.gguf_file import GGUFFile, TensorView
 
 __all__ = ["CUDA_GRAPH_MODES", "CudaGraphMode", "DecoderLayer", "DeepseekForCausalLM"]
+
+logger = logging.getLogger(__name__)
 
 CudaGraphMode = Literal["step", "attention", "off"]
 CUDA_GRAPH_MODES: tuple[CudaGraphMode, ...] = ("step", "attention", "off")
@@ -149,10 +152,11 @@ class DeepseekForCausalLM(torch.nn.Module):
             return RMSNorm(dense(name).float().to(dtype), config.rms_norm_eps)
 
         streaming = gpu_streaming(device, experts)
+        resident = _resident_counts(config, gguf, device, experts)
         layers = [
             DecoderLayer(norm(f"blk.{i}.attn_norm.weight"), _attention(config, gguf, i, linear, norm, dense),
                          norm(f"blk.{i}.ffn_norm.weight"), _ffn(config, gguf, i, linear, device, dtype, experts,
-                                                                streaming))
+                                                                streaming, resident.get(i, 0)))
             for i in range(config.num_layers)
         ]
         head = "output.weight" if gguf.has("output.weight") else "token_embd.weight"  # tied embeddings
@@ -193,18 +197,46 @@ def _attention(config: ModelConfig, gguf: GGUFFile, i: int, linear, norm, dense)
     )
 
 
+def _expert_views(gguf: GGUFFile, i: int) -> list[TensorView]:
+    return [gguf.tensor(f"blk.{i}.ffn_{w}_exps.weight") for w in ("gate", "up", "down")]
+
+
+def _resident_counts(config: ModelConfig, gguf: GGUFFile, device: torch.device,
+                     experts: ExpertOptions) -> dict[int, int]:
+    """MoE layer -> how many routed experts it keeps in GPU memory (``experts.gpu_bytes`` shared out)."""
+    if experts.gpu_bytes == 0:
+        return {}
+    if device.type != "cuda":
+        raise InvalidRequestError(f"gpu_expert_memory={experts.gpu_bytes} needs a model on a CUDA device, not {device}")
+    from ksdk.offload.gpu_experts import ExpertLayout
+    from ksdk.offload.resident import resident_counts
+
+    moe_layers = [i for i in range(config.num_layers) if config.is_moe_layer(i)]
+    nbytes = [ExpertLayout.from_views(*_expert_views(gguf, i)).nbytes for i in moe_layers]  # types with GPU kernels
+    counts = resident_counts(experts.gpu_bytes, nbytes, config.num_experts)
+    logger.info("GPU-resident routed experts: %s per MoE layer, %.2f GiB", sorted(set(counts)),
+                sum(c * b for c, b in zip(counts, nbytes)) / 2**30)
+    return dict(zip(moe_layers, counts))
+
+
 def _ffn(config: ModelConfig, gguf: GGUFFile, i: int, linear, device: torch.device, dtype: torch.dtype,  # noqa: ANN001
-         experts: ExpertOptions, streaming: tuple[ExpertStaging, StreamCrossover] | None) -> MLP | MoE:
+         experts: ExpertOptions, streaming: tuple[ExpertStaging, StreamCrossover] | None,
+         num_resident: int = 0) -> MLP | MoE:
     p = f"blk.{i}."
     if not config.is_moe_layer(i):
         return MLP(linear(p + "ffn_gate.weight"), linear(p + "ffn_up.weight"), linear(p + "ffn_down.weight"))
     bias = p + "exp_probs_b.bias"
     router = Router(config, gguf.tensor(p + "ffn_gate_inp.weight").dequantize(torch.float32).to(device),
                     gguf.tensor(bias).dequantize(torch.float32).to(device) if gguf.has(bias) else None)
-    views = [gguf.tensor(p + f"ffn_{w}_exps.weight") for w in ("gate", "up", "down")]
+    views = _expert_views(gguf, i)
     routed = build_routed_experts(views, device, dtype, experts, streaming)
     shared = None
     if config.num_shared_experts:
         shared = MLP(linear(p + "ffn_gate_shexp.weight"), linear(p + "ffn_up_shexp.weight"),
                      linear(p + "ffn_down_shexp.weight"))
-    return MoE(router, routed, shared)
+    resident = None
+    if num_resident:
+        from ksdk.offload.resident import ResidentExperts
+
+        resident = ResidentExperts(*views, experts=range(num_resident), device=device)
+    return MoE(router, routed, shared, resident)

@@ -142,15 +142,17 @@ class ExpertHostCall:
         self.server = server
         self._id = server.add(self._call) if server is not None else 0
 
-    def enqueue(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> None:
+    def enqueue(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                resident_slots: torch.Tensor | None = None) -> None:
         """On the current stream (capturable): stage x [T, H] (in x_dtype), ids [T, k] int64 and weights [T, k]
-        into the pinned buffers and run the experts on them; :meth:`output` then reads the result."""
+        into the pinned buffers and run the experts on them; :meth:`output` then reads the result. The ids of
+        experts that ``resident_slots`` (int32 [E], -1: not on the GPU) places on the GPU are staged as -1."""
         assert x.shape == self.x.shape and ids.shape == self.ids.shape and weights.shape == self.weights.shape
         x, ids, weights = x.to(self.x.dtype).contiguous(), ids.contiguous(), weights.float().contiguous()
         assert ids.dtype == torch.int64
         from ksdk.kernels.host_staging import stage_to_host
 
-        stage_to_host(x, ids, weights, self.x, self.ids, self.weights)
+        stage_to_host(x, ids, weights, self.x, self.ids, self.weights, resident_slots)
         stream = torch.cuda.current_stream(self.device).cuda_stream
         driver = cuda_driver()
         if self.server is None:
@@ -160,12 +162,14 @@ class ExpertHostCall:
             driver.wait_value(stream, self.server.done, self._id)
             driver.write_value(stream, self.server.done, 0)  # before the next doorbell: see HostCallServer
 
-    def output(self, dtype: torch.dtype, shared: torch.Tensor | None = None) -> torch.Tensor:
-        """After :meth:`enqueue`, on the current stream: the routed output [T, H] rounded to ``dtype``, plus
-        ``shared`` (the shared expert's output in ``dtype``) when given, as a new device tensor."""
+    def output(self, dtype: torch.dtype, shared: torch.Tensor | None = None,
+               resident: torch.Tensor | None = None) -> torch.Tensor:
+        """After :meth:`enqueue`, on the current stream: the routed output [T, H] plus ``resident`` (the GPU's
+        resident experts' fp32 output) when given, rounded to ``dtype``, plus ``shared`` (the shared expert's
+        output in ``dtype``) when given, as a new device tensor."""
         from ksdk.kernels.host_staging import add_from_host
 
-        return add_from_host(self.out, shared, dtype, self.device)
+        return add_from_host(self.out, shared, dtype, self.device, resident)
 
 
 def raise_if_failed(log: object) -> None:

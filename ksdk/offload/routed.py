@@ -68,11 +68,12 @@ class NativeRoutedExperts:
         return out if self.device.type == "cpu" else out.to(self.device, non_blocking=True)
 
     def enqueue(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, log: object,
-                server: DoorbellServer | None = None) -> ExpertHostCall:
+                server: DoorbellServer | None = None, resident_slots: torch.Tensor | None = None) -> ExpertHostCall:
         """The routed experts as stream-ordered work on the current CUDA stream (capturable: x, ids and weights
         staged into fixed pinned buffers, the native experts run through ``server``'s doorbell or, without
         one, as a driver host node); the returned call's ``output()`` reads the result. Errors go to ``log``
-        (a native HostCallLog). The buffers of each batch size are kept for the graphs that use them."""
+        (a native HostCallLog). The buffers of each batch size are kept for the graphs that use them.
+        ``resident_slots``: the experts held on the GPU (``ResidentExperts.slots``), which the host skips."""
         from ksdk.offload.host_call import ExpertHostCall
 
         x_dtype = x.dtype if x.dtype in (torch.float32, torch.bfloat16) else torch.float32
@@ -82,5 +83,5 @@ class NativeRoutedExperts:
             assert not torch.cuda.is_current_stream_capturing(), "pinned buffers are allocated before capture"
             call = self._host_calls[key] = ExpertHostCall(self.experts, log, x.shape[0], ids.shape[1], x_dtype,
                                                           self.device, server)
-        call.enqueue(x, ids, weights)
+        call.enqueue(x, ids, weights, resident_slots)
         return call

@@ -50,3 +50,33 @@ def test_add_from_host_equals_the_eager_ops(tokens: int, dtype: torch.dtype, wit
     ref = add_from_host_reference(host_out, shared, dtype, device)
     assert out.dtype == dtype and out.device.type == device.type
     assert torch.equal(out, ref)  # the same two roundings, bit for bit
+
+
+def test_stage_to_host_hides_resident_experts(device: torch.device) -> None:
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 300, generator=g).to(device)
+    ids = torch.randint(0, 16, (4, 6), generator=g).to(device)
+    weights = torch.rand(4, 6, generator=g).to(device)
+    slots = torch.full((16,), -1, dtype=torch.int32)
+    slots[[1, 5, 9]] = torch.tensor([0, 2, 1], dtype=torch.int32)
+    host = [_host(t, device) for t in (x, ids, weights)]
+    stage_to_host(x, ids, weights, *host, resident_slots=slots.to(device))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    expected = torch.where(slots[ids.cpu()] >= 0, -1, ids.cpu())
+    assert (expected == -1).any() and (expected >= 0).any()
+    assert torch.equal(host[1], expected)
+    assert torch.equal(host[0], x.cpu()) and torch.equal(host[2], weights.cpu())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_add_from_host_adds_the_resident_experts_first(dtype: torch.dtype, device: torch.device) -> None:
+    g = torch.Generator().manual_seed(11)
+    host_out = torch.randn(3, 700, generator=g) * 3
+    if device.type == "cuda":
+        host_out = host_out.pin_memory()
+    resident = (torch.randn(3, 700, generator=g) * 3).to(device)
+    shared = (torch.randn(3, 700, generator=g) * 3).to(dtype).to(device)
+    for sh in (shared, None):
+        out = add_from_host(host_out, sh, dtype, device, resident=resident)
+        assert torch.equal(out, add_from_host_reference(host_out, sh, dtype, device, resident=resident))
