@@ -37,7 +37,7 @@ import torch
 
 from ksdk.bench.random_blocks import random_expert_tensor
 from ksdk.layers.attention_metadata import AttentionMetadata
-from ksdk.layers.moe import RoutedExperts
+from ksdk.layers.moe import MoE, RoutedExperts
 from ksdk.models import DeepseekForCausalLM, load_model
 from ksdk.models.deepseek import CUDA_GRAPH_MODES
 from ksdk.offload.cpu_experts import default_num_threads
@@ -72,7 +72,9 @@ class E2EConfig:
     cuda_graphs: tuple[str, ...] = ("step",)  # DeepseekForCausalLM.cuda_graphs modes, one decode table each
     expert_memory: str = "mmap"  # ExpertOptions.memory: where the routed experts' bytes live
     host_calls: tuple[str, ...] = ("doorbell",)  # DecodeGraphs.host_calls modes, one step-graph table each
-    gpu_experts: int = 0  # routed experts per MoE layer kept in GPU memory (ExpertOptions.gpu_bytes)
+    # routed experts per MoE layer kept in GPU memory (ExpertOptions.gpu_bytes): 0 and/or one count N, a decode
+    # table each (the model loads N per layer; 0 detaches them); prefill runs with N
+    gpu_experts: tuple[int, ...] = (0,)
 
 
 def _r1_config() -> dict:
@@ -590,7 +592,8 @@ def run_e2e(config: E2EConfig) -> None:
         torch.cuda.reset_peak_memory_stats(device)
     moe_layer = spec.num_dense_layers
     expert_bytes = _expert_bytes(gguf_file, moe_layer)
-    on_gpu_bytes = config.gpu_experts * expert_bytes * (spec.num_layers - spec.num_dense_layers)
+    on_gpu_count = max(config.gpu_experts)
+    on_gpu_bytes = on_gpu_count * expert_bytes * (spec.num_layers - spec.num_dense_layers)
     model = load_model(gguf_file, device=device, dtype=config.dtype,
                        experts=ExpertOptions(backend="native", memory=config.expert_memory,  # type: ignore[arg-type]
                                              gpu_bytes=on_gpu_bytes))
@@ -612,25 +615,36 @@ def run_e2e(config: E2EConfig) -> None:
         layer_bytes = [_tensor_bytes(layer, device) for layer in model.layers]
         dense_b, moe_b = layer_bytes[0] if spec.num_dense_layers else 0, layer_bytes[moe_layer]
         full = resident - sum(layer_bytes) + full_dense * dense_b + (full_layers - full_dense) * moe_b
-        on_gpu = config.gpu_experts * expert_bytes
+        on_gpu = on_gpu_count * expert_bytes
         full += (full_layers - full_dense) * on_gpu
         print(f"  GPU memory after load: {resident / 2**30:.2f} GiB (dense layer {dense_b / 2**20:.0f} MiB, "
-              f"MoE layer {moe_b / 2**20:.0f} MiB without experts, + {config.gpu_experts} resident routed experts "
+              f"MoE layer {moe_b / 2**20:.0f} MiB without experts, + {on_gpu_count} resident routed experts "
               f"{on_gpu / 2**20:.0f} MiB); at {full_layers} layers: {full / 2**30:.2f} GiB + KV cache")
     print()
 
     E, k, moe_full = spec.num_experts, spec.num_experts_per_tok, full_layers - full_dense
-    floor = _Floor(spec, host_gbs, expert_mb, moe_full, config.gpu_experts)
-    for mode in config.cuda_graphs:
-        model.cuda_graphs = mode  # type: ignore[assignment]
-        if device.type == "cuda" and mode == "step" and model.decode_graphs and model.decode_graphs.capturable:
-            for host_calls in config.host_calls:
-                _decode_table_step_graph(runner, spec, config, floor, full_dense, host_calls)
-        else:
-            print(f"decode with {'eager' if device.type != 'cuda' or mode == 'off' else 'per-layer attention-graph'}"
-                  f" launches, MoE layers eager (sync, submit, wait):")
-            _decode_table_eager(runner, spec, config, floor, full_dense)
-        print()
+    moes = [layer.ffn for layer in model.layers if isinstance(layer.ffn, MoE)]
+    residents = [moe.resident for moe in moes]
+    for on_gpu_now in config.gpu_experts:
+        for moe, resident in zip(moes, residents):
+            moe.resident = resident if on_gpu_now else None
+        if model.decode_graphs is not None:
+            model.decode_graphs.clear()  # the graphs bind the resident experts present at capture
+        if len(config.gpu_experts) > 1:
+            print(f"-- {on_gpu_now} routed experts per MoE layer on the GPU --")
+        floor = _Floor(spec, host_gbs, expert_mb, moe_full, on_gpu_now)
+        for mode in config.cuda_graphs:
+            model.cuda_graphs = mode  # type: ignore[assignment]
+            if device.type == "cuda" and mode == "step" and model.decode_graphs and model.decode_graphs.capturable:
+                for host_calls in config.host_calls:
+                    _decode_table_step_graph(runner, spec, config, floor, full_dense, host_calls)
+            else:
+                print(f"decode with {'eager' if device.type != 'cuda' or mode == 'off' else 'per-layer attention-graph'}"
+                      f" launches, MoE layers eager (sync, submit, wait):")
+                _decode_table_eager(runner, spec, config, floor, full_dense)
+            print()
+    for moe, resident in zip(moes, residents):
+        moe.resident = resident
     if config.profile:
         print()
         print(runner.profile(config.batches[0]), flush=True)
@@ -668,7 +682,7 @@ def run_e2e(config: E2EConfig) -> None:
     if device.type == "cuda":
         print(f"\nGPU memory peak: {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
     print(f"\nfloor = batch x host bandwidth / ({moe_full} MoE layers x expected distinct experts the CPU reads x "
-          f"{expert_mb:.1f} MB; {config.gpu_experts} of each layer's {E} experts on the GPU); at batch 1 with all "
+          f"{expert_mb:.1f} MB, of each layer's {E} experts those not on the GPU); at batch 1 with all "
           f"experts on the CPU that is {moe_full * k * expert_mb / 1e3:.1f} GB per token "
           f"(DESIGN.md's {DESIGN_EXPERT_GB_PER_TOKEN} GB gives {host_gbs / DESIGN_EXPERT_GB_PER_TOKEN:.2f} tok/s). "
           f"61-layer figures scale the measured dense and MoE layer costs to {full_dense} and {moe_full} layers "
@@ -694,14 +708,22 @@ def _prefill_extrapolation(runner: _Runner, tokens: int, full_dense: int, moe_fu
             f"time to first token {full_ms / 1e3:.2f} s" + (f" (target >= {target} tok/s)" if target else ""))
 
 
-def _int_list(text: str) -> tuple[int, ...]:
+def _ints(text: str, minimum: int) -> tuple[int, ...]:
     try:
         values = tuple(int(v) for v in text.split(","))
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated ints, e.g. 1,4,16") from exc
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: every value must be >= 1")
+    if not values or min(values) < minimum:
+        raise argparse.ArgumentTypeError(f"{text!r}: every value must be >= {minimum}")
     return values
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    return _ints(text, 1)
+
+
+def _counts(text: str) -> tuple[int, ...]:
+    return _ints(text, 0)
 
 
 def _graph_modes(text: str) -> tuple[str, ...]:
@@ -725,9 +747,10 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 def _run(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA GPU here; use --device cpu (with --small) for a smoke run")
-    if args.gpu_experts and (args.device != "cuda" or args.gpu_experts < 0):
-        raise SystemExit(f"--gpu-experts {args.gpu_experts}: experts per MoE layer on the GPU need --device cuda "
-                         f"and a count >= 0")
+    counts = set(args.gpu_experts)
+    if max(counts) and (args.device != "cuda" or len(counts - {0}) > 1):
+        raise SystemExit(f"--gpu-experts {','.join(map(str, args.gpu_experts))}: experts per MoE layer on the GPU "
+                         f"need --device cuda; give 0 and/or one count")
     if not 0 <= args.dense_layers < args.layers:
         raise SystemExit(f"--dense-layers {args.dense_layers}: need 0 <= dense layers < --layers {args.layers}")
     if args.device == "cuda" and "step" in args.graphs and (args.dense_layers < 1 or args.layers - args.dense_layers < 2):
@@ -773,7 +796,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                         help="comma-separated ways the step graph runs the routed experts, one decode table each: "
                              "doorbell (a native thread polls pinned memory the step writes), driver (host nodes "
                              "on the CUDA driver's thread) (default doorbell)")
-    parser.add_argument("--gpu-experts", type=int, default=defaults.gpu_experts,
-                        help="routed experts per MoE layer kept in GPU memory (the lowest-numbered; default 0); the "
-                             "floor then counts only the experts the CPU reads")
+    parser.add_argument("--gpu-experts", type=_counts, default=defaults.gpu_experts,
+                        help="routed experts per MoE layer kept in GPU memory (the lowest-numbered), a decode table "
+                             "each: 0 and/or one count, e.g. 0,32 (default 0); the floor then counts only the "
+                             "experts the CPU reads; prefill runs with the count")
     parser.set_defaults(run=_run)
