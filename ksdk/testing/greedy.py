@@ -8,7 +8,7 @@ import torch
 from ksdk.layers.attention_metadata import AttentionMetadata
 from ksdk.models import DeepseekForCausalLM
 
-__all__ = ["greedy_generate", "prefill_logits"]
+__all__ = ["forced_logits", "greedy_generate", "prefill_logits"]
 
 PAGE_SIZE = 16
 
@@ -41,3 +41,18 @@ def greedy_generate(model: DeepseekForCausalLM, ids: list[int], max_new_tokens: 
         logits = model(torch.tensor([out[-1]], device=dev), torch.tensor([pos], device=dev), meta, kv)
         out.append(int(logits[0].argmax()))
     return out
+
+
+def forced_logits(model: DeepseekForCausalLM, ids: list[int], continuation: list[int]) -> torch.Tensor:
+    """Prefill ``ids``, then decode ``continuation`` token by token whatever the model would pick (teacher
+    forcing): [1 + len(continuation), vocab] fp32 logits, after the prompt and after each fed token. Two
+    models compared this way see the same inputs even where a near tie sends their greedy tokens apart."""
+    kv, pages = _pool(model, len(ids) + len(continuation))
+    dev = model.device
+    meta = AttentionMetadata.build([len(ids)], [len(ids)], [pages], PAGE_SIZE, dev)
+    rows = [model(torch.tensor(ids, device=dev), torch.arange(len(ids), device=dev), meta, kv)[0]]
+    for i, token in enumerate(continuation):
+        pos = len(ids) + i
+        meta = AttentionMetadata.build([1], [pos + 1], [pages], PAGE_SIZE, dev)
+        rows.append(model(torch.tensor([token], device=dev), torch.tensor([pos], device=dev), meta, kv)[0])
+    return torch.stack(rows)

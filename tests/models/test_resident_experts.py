@@ -15,7 +15,7 @@ from ksdk.offload.gpu_experts import ExpertLayout
 from ksdk.offload.native import native_available
 from ksdk.offload.options import ExpertOptions
 from ksdk.testing import tiny_gguf
-from ksdk.testing.greedy import greedy_generate
+from ksdk.testing.greedy import forced_logits, greedy_generate, prefill_logits
 from ksdk.weights.gguf_file import GGUFFile
 from tests.models.test_decode_graph import batched_run, in_mode
 
@@ -51,12 +51,19 @@ def test_the_budget_puts_experts_in_every_moe_layer(resident: DeepseekForCausalL
     assert all(m.resident.weights.is_cuda for m in moes)
 
 
-def test_greedy_equals_every_expert_on_the_cpu(resident: DeepseekForCausalLM,
-                                               all_on_cpu: DeepseekForCausalLM) -> None:
+def test_logits_match_every_expert_on_the_cpu(resident: DeepseekForCausalLM,
+                                              all_on_cpu: DeepseekForCausalLM) -> None:
+    """Fed the same tokens, the two agree up to the CPU kernels' activation quantization, which the resident
+    experts (fp32 on the GPU) do not have; greedy tokens may part at a near tie, so logits are compared."""
     for mode in ("step", "off"):
-        got = in_mode(resident, mode, lambda: [greedy_generate(resident, ids, 16) for ids in PROMPTS])
-        want = in_mode(all_on_cpu, mode, lambda: [greedy_generate(all_on_cpu, ids, 16) for ids in PROMPTS])
-        assert got == want, mode
+        for ids in PROMPTS:
+            continuation = in_mode(all_on_cpu, mode, lambda: greedy_generate(all_on_cpu, ids, 16))
+            got = in_mode(resident, mode, lambda: forced_logits(resident, ids, continuation[:-1]))
+            want = in_mode(all_on_cpu, mode, lambda: forced_logits(all_on_cpu, ids, continuation[:-1]))
+            assert want.argmax(dim=1).tolist() == continuation
+            err = ((got - want).norm(dim=1) / want.norm(dim=1)).max().item()
+            assert err < 2e-2, (mode, err)
+            assert (got.argmax(dim=1) == want.argmax(dim=1)).float().mean().item() >= 0.8, mode
 
 
 def test_step_graph_equals_eager_with_resident_experts(resident: DeepseekForCausalLM) -> None:
@@ -66,9 +73,11 @@ def test_step_graph_equals_eager_with_resident_experts(resident: DeepseekForCaus
     assert resident.decode_graphs._graphs
 
 
-def test_streamed_long_prompts_skip_the_resident_experts(all_on_cpu: DeepseekForCausalLM) -> None:
-    streaming = load(PER_LAYER, gpu_stream_threshold=16)
-    got = [greedy_generate(streaming, ids, 8) for ids in PROMPTS]
-    assert got == [greedy_generate(all_on_cpu, ids, 8) for ids in PROMPTS]
-    hybrid = next(layer.ffn.experts for layer in streaming.layers if isinstance(layer.ffn, MoE))
-    assert type(hybrid).__name__ == "HybridRoutedExperts"
+def test_streamed_long_prompts_skip_the_resident_experts() -> None:
+    """A prompt past the streaming threshold: the GPU streams the other experts and computes the resident
+    ones in place, all in fp32 on the GPU, as when it streams them all."""
+    with_resident, without = load(PER_LAYER, gpu_stream_threshold=16), load(0, gpu_stream_threshold=16)
+    got, want = prefill_logits(with_resident, PROMPTS[1]), prefill_logits(without, PROMPTS[1])
+    hybrids = [layer.ffn.experts for layer in with_resident.layers if isinstance(layer.ffn, MoE)]
+    assert all(h.last_path == "gpu" for h in hybrids)
+    assert ((got - want).norm() / want.norm()).item() < 1e-4
