@@ -23,17 +23,26 @@ SHAPES = [  # name, N, K, qtype (R1 at the Q4_K_M-like mix of ksdk.bench.e2e)
     ("o_proj", 7168, 16384, Q.Q5_0), ("ffn_gate", 18432, 7168, Q.Q4_K), ("ffn_down", 7168, 18432, Q.Q5_0),
     ("sh_gate", 2048, 7168, Q.Q4_K), ("sh_down", 7168, 2048, Q.Q6_K), ("lm_head", 129280, 7168, Q.Q6_K),
 ]
-# Candidates besides the default: (label, config); FMA configs only where their [M, BN, BK] products fit registers.
+# Candidates besides the default: (label, config), each run only where it fits the registers (_fits).
+# rows<R>w<warps>: the rows kernel with R rows of W a thread (block_n = 32·num_warps·R).
 CANDIDATES = [
     ("fma16x256", GemvConfig(16, 256, 4)), ("dot32x128", GemvConfig(32, 128, 4, dot=True)),
     ("dot32x256", GemvConfig(32, 256, 4, dot=True)), ("dot64x256w8", GemvConfig(64, 256, 8, dot=True)),
     ("dot64x128p8", GemvConfig(64, 128, 4, dot=True, programs_per_sm=8)),
     ("dot128x128w8", GemvConfig(128, 128, 8, dot=True)), ("dot128x64w8", GemvConfig(128, 64, 8, dot=True)),
+    ("rows1w4", GemvConfig(128, 256, 4, kind="rows")), ("rows1w2", GemvConfig(64, 256, 2, kind="rows")),
+    ("rows1w4p8", GemvConfig(128, 256, 4, kind="rows", programs_per_sm=8)),
+    ("rows2w4", GemvConfig(256, 256, 4, kind="rows")), ("rows2w2", GemvConfig(128, 256, 2, kind="rows")),
+    ("rows4w2", GemvConfig(256, 256, 2, kind="rows")),
 ]
 L2_BYTES = 150 << 20  # rotate weight copies until this many bytes: past the H100's 50 MB L2
 
 
-def _fits(cfg: GemvConfig, M: int) -> bool:
+def _fits(cfg: GemvConfig, M: int, qt: Q) -> bool:
+    """Whether the config's per-thread work fits the registers, as ptxas for sm_90 compiles it with bf16 x."""
+    if cfg.kind == "rows":  # spill-free up to 4 (rows of W a thread) x (rows of x); 4 rows of W only for Q4_K/Q5_K
+        rows = cfg.block_n // (32 * cfg.num_warps)
+        return rows * M <= 4 and (rows <= 2 or qt in (Q.Q4_K, Q.Q5_K))
     return cfg.dot or (1 << (M - 1).bit_length()) * cfg.block_n * cfg.block_k <= 4096 * cfg.num_warps
 
 
@@ -80,7 +89,7 @@ def main() -> None:
             row = {}
             runs = [("default", lambda wi: dequant_matmul(x, wi, qt, K))]
             runs += [(label, (lambda c: lambda wi: dequant_matmul(x, wi, qt, K, gemv=c))(cfg))
-                     for label, cfg in CANDIDATES if _fits(cfg, M)]
+                     for label, cfg in CANDIDATES if _fits(cfg, M, qt)]
             for label, fn in runs:
                 err = (fn(w).float() - ref).abs().max().item() / scale
                 assert err < 2e-2, (name, M, label, err)

@@ -101,6 +101,44 @@ def test_gemv_tiles_and_splits(qtype: Q, cfg: GemvConfig, device: torch.device) 
         _close(dequant_matmul(x, w, qtype, K, split_k=split_k, gemv=cfg), ref, dtype)
 
 
+# The rows GEMV: every M its own code; K = 768 in 2 splits leaves 512 + 256; N = 37 a partial row tile. Random blocks
+# reach every bit pattern of the quants, the 5th/6th bits and the packed scales.
+ROWS_CASES = [(1, 768, 2), (3, 512, None), (GEMV_MAX_M, 256, None)]  # M, K, split_k
+
+
+@pytest.mark.parametrize("qtype", KERNEL_QTYPES, ids=lambda q: q.name)
+@pytest.mark.parametrize("case", ROWS_CASES, ids=lambda c: f"m{c[0]}k{c[1]}s{c[2] or 1}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gemv_rows(qtype: Q, case: tuple[int, int, int | None], dtype: torch.dtype, device: torch.device) -> None:
+    M, K, split_k = case
+    w = random_rows(qtype, 37, K, seed=M).to(device)
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(K)).to(device, dtype)
+    y = dequant_matmul(x, w, qtype, K, split_k=split_k, gemv=GemvConfig(64, 256, 2, kind="rows"))
+    _close(y, dequant_matmul_reference(x, w, qtype, K), dtype)
+
+
+def test_gemv_rows_tiles_and_rows_per_thread(device: torch.device) -> None:
+    M, N, K = 2, 150, 512  # two row tiles of 128, the second partial; two rows a thread; fp16 x
+    w = quantized_rows(Q.Q6_K, N, K).to(device)
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(3)).to(device, torch.float16)
+    y = dequant_matmul(x, w, Q.Q6_K, K, gemv=GemvConfig(128, 256, 2, kind="rows"))
+    _close(y, dequant_matmul_reference(x, w, Q.Q6_K, K), torch.float16)
+
+
+def test_gemv_rows_checks() -> None:
+    with pytest.raises(ValueError, match="kind='tiles'"):
+        GemvConfig(kind="tiles")
+    for bad in (dict(dot=True), dict(block_k=128), dict(block_n=64, num_warps=4)):
+        with pytest.raises(ValueError, match="needs dot=False, block_k=256"):
+            GemvConfig(**{"block_n": 128, "num_warps": 4, "kind": "rows", **bad})
+    rows = GemvConfig(64, 256, 2, kind="rows")
+    with pytest.raises(ValueError, match="K % 256 == 0"):
+        dequant_matmul(torch.zeros(1, 800), random_rows(Q.Q8_0, 4, 800), Q.Q8_0, 800, gemv=rows)
+    shifted = torch.zeros(4 * 144 + 2, dtype=torch.uint8)[2:].view(4, 144)  # rows at 2 mod 4
+    with pytest.raises(ValueError, match="w_raw 4-byte aligned"):
+        dequant_matmul(torch.zeros(1, 256), shifted, Q.Q4_K, 256, gemv=rows)
+
+
 @pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q6_K, Q.Q5_0], ids=lambda q: q.name)
 @pytest.mark.parametrize("cfg", [GemmConfig(16, 16, 64, 4, 1), GemmConfig(32, 64, 256, 4, 2)],
                          ids=lambda c: f"m{c.block_m}n{c.block_n}k{c.block_k}")
