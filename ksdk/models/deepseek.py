@@ -238,5 +238,10 @@ def _ffn(config: ModelConfig, gguf: GGUFFile, i: int, linear, device: torch.devi
     if num_resident:
         from ksdk.offload.resident import ResidentExperts
 
-        resident = ResidentExperts(*views, experts=range(num_resident), device=device)
+        try:
+            resident = ResidentExperts(*views, experts=range(num_resident), device=device)
+        except torch.cuda.OutOfMemoryError as exc:
+            raise InvalidRequestError(f"gpu_expert_memory={experts.gpu_bytes} bytes do not fit: the GPU ran out of "
+                                      f"memory placing layer {i}'s {num_resident} routed experts; give a smaller "
+                                      f"size") from exc
     return MoE(router, routed, shared, resident)

@@ -84,3 +84,21 @@ def test_gpu_expert_memory_needs_a_gpu_and_a_size() -> None:
     for bad in (-1, 1.5, True):
         with pytest.raises(InvalidRequestError, match="gpu_expert_memory="):
             ExpertOptions(gpu_bytes=bad)  # type: ignore[arg-type]
+
+
+def test_a_budget_the_gpu_cannot_hold_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ResidentExperts' allocation failing for lack of GPU memory becomes InvalidRequestError naming the option."""
+    from ksdk.models import deepseek
+    from ksdk.models.config import ModelConfig
+    from ksdk.offload import resident
+
+    def out_of_memory(*args: object, **kwargs: object) -> None:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(resident, "ResidentExperts", out_of_memory)
+    gguf = GGUFFile.open(tiny_gguf("v3", "Q8_0"))
+    config = ModelConfig.from_gguf(gguf.metadata)
+    layer = next(i for i in range(config.num_layers) if config.is_moe_layer(i))
+    options = ExpertOptions(backend="torch", gpu_bytes=1 << 40)
+    with pytest.raises(InvalidRequestError, match=r"gpu_expert_memory=1099511627776 bytes do not fit.*layer"):
+        deepseek._ffn(config, gguf, layer, lambda name: None, CPU, torch.float32, options, None, num_resident=4)
