@@ -83,7 +83,10 @@ class ResidentExperts:
 
     def host_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """``ids`` [T, k] with the slots of resident experts set to -1: what the CPU (or streamed) side computes."""
-        return torch.where(self.slots[ids] >= 0, -1, ids)
+        return torch.where(self._resident(ids), -1, ids)
+
+    def _resident(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.slots[ids] >= 0
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Σ over each token's slots whose expert is resident of weight · expert(x): x [T, hidden] on the
@@ -91,7 +94,7 @@ class ResidentExperts:
         if x.shape[0] <= GEMV_MAX_TOKENS:
             return self._per_pair(x, ids.long().contiguous(), weights.float().contiguous())
         out = torch.zeros(x.shape[0], self.layout.hidden, dtype=torch.float32, device=x.device)
-        plan = route_plan(torch.where(self.slots[ids] >= 0, ids, -1), weights)
+        plan = route_plan(torch.where(self._resident(ids), ids, -1), weights)
         for first, last in plan.chunks(CHUNK_PAIRS):
             accumulate_experts(out, x, plan, first, last, lambda e: self.weights[self._slot_of[e]], self.layout)
         return out
