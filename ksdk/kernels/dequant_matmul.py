@@ -294,6 +294,23 @@ def _w_tile(row, n_ok, k0, K, QTYPE: tl.constexpr, BK: tl.constexpr):
     return w
 
 
+@triton.jit
+def _gemv_dot_step(acc_t, row, n_ok, x_rows, m_ok, k0, K, QTYPE: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):
+    """acc_t [BN, BM] + W[rows, k0 : k0 + BK] @ x[:, k0 : k0 + BK].T, x's rows at ``x_rows`` [BM, 1] (those with
+    ``m_ok`` False read as zeros): one K step of the tensor-core GEMV."""
+    if QTYPE == 1 or QTYPE == 2:
+        w_lo, w_hi = _k_halves(row, n_ok, k0, K, QTYPE, BK // 64)
+        k = k0 + 64 * (tl.arange(0, BK // 2) // 32) + tl.arange(0, BK // 2) % 32  # [BK / 2]
+        x_mask = m_ok & (k[None, :] < K)
+        acc_t = _dot_acc(w_lo, tl.load(x_rows + k[None, :], mask=x_mask, other=0.0), acc_t, IEEE)
+        acc_t = _dot_acc(w_hi, tl.load(x_rows + 32 + k[None, :], mask=x_mask, other=0.0), acc_t, IEEE)
+    else:
+        k = k0 + tl.arange(0, BK)
+        x = tl.load(x_rows + k[None, :], mask=m_ok & (k[None, :] < K), other=0.0)  # [BM, BK]
+        acc_t = _dot_acc(_w_tile(row, n_ok, k0, K, QTYPE, BK), x, acc_t, IEEE)
+    return acc_t
+
+
 # ---- kernels ----
 
 
@@ -313,17 +330,7 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_os
         acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # out.T: W tile [BN, BK] @ x.T [BK, BM]
         x_rows = x_ptr + m[:, None] * stride_xm  # [BM, 1]
         for k0 in range(k_begin, k_end, G * L):
-            if QTYPE == 1 or QTYPE == 2:
-                w_lo, w_hi = _k_halves(row, n_ok, k0, K, QTYPE, G * L // 64)
-                k = k0 + 64 * (tl.arange(0, G * L // 2) // 32) + tl.arange(0, G * L // 2) % 32  # [BK / 2]
-                x_mask = (m[:, None] < M) & (k[None, :] < K)
-                acc_t = _dot_acc(w_lo, tl.load(x_rows + k[None, :], mask=x_mask, other=0.0), acc_t, IEEE)
-                acc_t = _dot_acc(w_hi, tl.load(x_rows + 32 + k[None, :], mask=x_mask, other=0.0), acc_t, IEEE)
-            else:
-                w = _w_tile(row, n_ok, k0, K, QTYPE, G * L)
-                k = k0 + tl.arange(0, G * L)
-                x = tl.load(x_rows + k[None, :], mask=(m[:, None] < M) & (k[None, :] < K), other=0.0)  # [BM, BK]
-                acc_t = _dot_acc(w, x, acc_t, IEEE)
+            acc_t = _gemv_dot_step(acc_t, row, n_ok, x_rows, m[:, None] < M, k0, K, QTYPE, G * L, IEEE)
         out = out_ptr + split * stride_os + m[None, :] * stride_om + n[:, None]
         tl.store(out, acc_t.to(out_ptr.dtype.element_ty), mask=(m[None, :] < M) & (n[:, None] < N))
     else:
@@ -450,6 +457,11 @@ def gemv_config(qtype: GGMLQuantizationType, M: int, N: int, K: int, x_dtype: to
     fifth session; :func:`dequant_matmul` falls back to the tiles where W's rows are not aligned for it)."""
     if x_dtype != torch.float32 and M == 1 and K % 256 == 0:
         return GemvConfig(128, 256, 4, kind="rows")
+    return _tile_gemv_config(M, N, x_dtype)
+
+
+def _tile_gemv_config(M: int, N: int, x_dtype: torch.dtype) -> GemvConfig:
+    """The tile kernel's config for one call's shape (see :func:`gemv_config`)."""
     if x_dtype != torch.float32:  # bound by decode instructions per weight: tensor cores at any M
         if N <= 1024:  # kv_a (576 rows): narrower tiles, more of them
             return GemvConfig(32, 128, 4, dot=True)
@@ -556,7 +568,7 @@ def dequant_matmul(x: torch.Tensor, w_raw: torch.Tensor, qtype: GGMLQuantization
     if M <= GEMV_MAX_M:
         cfg = gemv or gemv_config(qtype, M, N, K, x.dtype)
         if gemv is None and cfg.kind == "rows" and not _rows_fit(w_raw, qtype, K):
-            cfg = gemv_config(qtype, 2, N, K, x.dtype)  # the tiles, whose choice does not depend on M
+            cfg = _tile_gemv_config(M, N, x.dtype)
         _gemv(x, w_raw, qtype, out, split_k, cfg)
         return out
     cfg = gemm or gemm_config(qtype, M, N, K)

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from gguf.constants import GGMLQuantizationType
 
-from ksdk.kernels.dequant_matmul import _QTYPE_ID, _dot_acc, _k_halves, _w_tile
+from ksdk.kernels.dequant_matmul import _QTYPE_ID, _gemv_dot_step
 from ksdk.kernels.rounding import round_to
 from ksdk.weights.quants import bytes_per_row
 
@@ -44,16 +44,7 @@ def _expert_gemv_kernel(x_ptr, w_ptr, slots_ptr, ids_ptr, scale_ptr, out_ptr, N,
     acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     k_end = tl.where(slot >= 0, K, 0)  # an expert that is not resident: no loop, zeros
     for k0 in range(0, k_end, BLOCK_K):
-        if QTYPE == 1 or QTYPE == 2:
-            w_lo, w_hi = _k_halves(row, n_ok, k0, K, QTYPE, BLOCK_K // 64)
-            k = k0 + 64 * (tl.arange(0, BLOCK_K // 2) // 32) + tl.arange(0, BLOCK_K // 2) % 32
-            x_mask = (m[:, None] < 1) & (k[None, :] < K)
-            acc_t = _dot_acc(w_lo, tl.load(x_rows + k[None, :], mask=x_mask, other=0.0), acc_t, IEEE)
-            acc_t = _dot_acc(w_hi, tl.load(x_rows + 32 + k[None, :], mask=x_mask, other=0.0), acc_t, IEEE)
-        else:
-            k = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_rows + k[None, :], mask=(m[:, None] < 1) & (k[None, :] < K), other=0.0)
-            acc_t = _dot_acc(_w_tile(row, n_ok, k0, K, QTYPE, BLOCK_K), x, acc_t, IEEE)
+        acc_t = _gemv_dot_step(acc_t, row, n_ok, x_rows, m[:, None] < 1, k0, K, QTYPE, BLOCK_K, IEEE)
     y = tl.sum(acc_t, axis=1)  # [BN]: only column 0 is nonzero
     if HAS_SCALE:
         y = round_to(y, ROUND) * tl.load(scale_ptr + p)
